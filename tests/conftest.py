@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny models built from configs in-process, so the suite never touches the network."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    BertTokenizerFast,
+)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(1)
+
+ARCHITECTURES = ["bert", "roberta", "xlm-roberta", "electra", "distilbert"]
+VOCAB_SIZE = 99
+
+
+def tiny_config(model_type: str = "bert", num_labels: int = 2, **overrides):
+    """A 4-layer, 4-head, hidden-16 config of `model_type`; `overrides` change any field."""
+    if model_type == "distilbert":
+        kwargs = dict(vocab_size=VOCAB_SIZE, dim=16, n_layers=4, n_heads=4, hidden_dim=24, max_position_embeddings=64)
+    else:
+        kwargs = dict(
+            vocab_size=VOCAB_SIZE,
+            hidden_size=16,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=24,
+            max_position_embeddings=64,
+            type_vocab_size=2,
+        )
+        if model_type == "electra":
+            kwargs["embedding_size"] = 16
+    if model_type in ("roberta", "xlm-roberta"):
+        kwargs.update(pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    kwargs.update(num_labels=num_labels)
+    kwargs.update(overrides)
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def tiny_model(model_type: str = "bert", task: str = "sequence-classification", seed: int = 0, **overrides):
+    """A tiny randomly initialised model for `task` ("sequence-classification", "token-classification", "masked-lm")."""
+    auto = {
+        "sequence-classification": AutoModelForSequenceClassification,
+        "token-classification": AutoModelForTokenClassification,
+        "masked-lm": AutoModelForMaskedLM,
+    }[task]
+    torch.manual_seed(seed)
+    return auto.from_config(tiny_config(model_type, **overrides)).eval()
+
+
+def random_batch(batch_size: int = 4, seq_len: int = 10, num_labels: int = 2, seed: int = 0, padded: bool = True):
+    """input_ids/attention_mask/labels for a tiny model; with `padded`, rows have different lengths."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(5, VOCAB_SIZE, (batch_size, seq_len), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    if padded:
+        for row in range(1, batch_size):
+            attention_mask[row, seq_len - row :] = 0
+    labels = torch.randint(0, num_labels, (batch_size,), generator=generator)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@pytest.fixture
+def tiny_tokenizer(tmp_path):
+    """A WordPiece tokenizer over a toy vocabulary, written to disk and loaded like any checkpoint's."""
+    words = "the a movie film good bad great awful fun dull not very plot actor story love hate".split()
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    vocab += [f"w{i}" for i in range(VOCAB_SIZE - len(vocab))]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    return BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"), do_lower_case=True)
