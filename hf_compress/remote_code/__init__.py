@@ -1,0 +1,1 @@
+"""Modeling code that hf-compress copies into the checkpoints it prunes (see `modeling_hf_compress.py`)."""

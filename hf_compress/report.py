@@ -1,0 +1,180 @@
+"""`compression_report`: what pruning saved, in parameters, bytes on disk and FLOPs per token, layer by layer."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from transformers import PreTrainedModel
+
+from .architectures import get_layers, get_spec
+from .structured import get_structure
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """Size and cost of one model.
+
+    Args:
+        parameters: Number of parameters (tied weights counted once).
+        size_bytes: Bytes of tensor data `save_pretrained` writes to safetensors (tied weights once; the file adds a
+            JSON header of a few KB).
+        heads_per_layer: Attention heads of each layer.
+        ffn_per_layer: FFN neurons (intermediate size) of each layer.
+        max_heads: Heads of an unpruned layer.
+        flops_per_token: Encoder FLOPs per token at the report's sequence length: the q/k/v/output and FFN
+            projections (2 FLOPs per multiply-add) plus attention scores and their weighted sum (`4 * seq_len` FLOPs
+            per head dimension). Embeddings, layer norms, softmax and the task head are left out: pruning does not
+            change them.
+    """
+
+    parameters: int
+    size_bytes: int
+    heads_per_layer: tuple[int, ...]
+    ffn_per_layer: tuple[int, ...]
+    max_heads: int
+    flops_per_token: int
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.heads_per_layer)
+
+
+@dataclass(frozen=True)
+class CompressionReport:
+    """The result of `compression_report`; `print(report)` shows it as a table.
+
+    Args:
+        model: Summary of the compressed model.
+        reference: Summary of the reference (e.g. unpruned) model, or `None`.
+        seq_len: Sequence length the FLOPs are counted at.
+    """
+
+    model: ModelSummary
+    reference: ModelSummary | None
+    seq_len: int
+
+    def ratio(self, field: str) -> float | None:
+        """`field` of the model over the reference's (e.g. `report.ratio("flops_per_token")`), `None` without one."""
+        if self.reference is None:
+            return None
+        reference = getattr(self.reference, field)
+        return getattr(self.model, field) / reference if reference else float("nan")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        header = ["", "model"] + (["reference", "model / reference"] if self.reference is not None else [])
+        rows = []
+        for label, get, show in _ROWS:
+            value = get(self.model)
+            row = [label.format(seq_len=self.seq_len), show(value)]
+            if self.reference is not None:
+                reference = get(self.reference)
+                row += [show(reference), f"{value / reference:.1%}" if reference else "n/a"]
+            rows.append(row)
+        per_layer = [
+            [str(i), f"{heads}/{self.model.max_heads}", f"{ffn:,}"]
+            for i, (heads, ffn) in enumerate(zip(self.model.heads_per_layer, self.model.ffn_per_layer, strict=True))
+        ]
+        return "\n".join(
+            [*_format_table(header, rows), "", *_format_table(["layer", "heads", "FFN neurons"], per_layer)]
+        )
+
+
+def compression_report(
+    model: PreTrainedModel, reference: PreTrainedModel | None = None, seq_len: int = 128
+) -> CompressionReport:
+    """Parameters, size on disk, heads and FFN neurons per layer, and FLOPs per token of `model`, against `reference`.
+
+    Args:
+        model: The compressed model (any registered architecture).
+        reference: The model to compare with, e.g. the unpruned one; `None` for no comparison.
+        seq_len: Sequence length at which to count FLOPs per token (attention costs grow with it).
+
+    Returns:
+        A `CompressionReport`; `print(report)` shows the table, `report.ratio("flops_per_token")` a ratio,
+        `report.to_dict()` plain data.
+
+    Example:
+    ```python
+    report = compression_report(pruned, reference=AutoModelForSequenceClassification.from_pretrained(teacher))
+    print(report)
+    ```
+    """
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"seq_len={seq_len!r} must be a positive integer: the sequence length FLOPs are counted at.")
+    return CompressionReport(
+        model=summarize(model, seq_len),
+        reference=summarize(reference, seq_len) if reference is not None else None,
+        seq_len=seq_len,
+    )
+
+
+def summarize(model: PreTrainedModel, seq_len: int = 128) -> ModelSummary:
+    """The `ModelSummary` of one model (see `compression_report`)."""
+    spec = get_spec(model)
+    structure = get_structure(model)
+    flops = 0
+    for layer, heads in zip(get_layers(model), structure.heads, strict=True):
+        paths = [spec.attention_output, spec.ffn_in, spec.ffn_out]
+        if heads:
+            paths += [spec.query, spec.key, spec.value]
+        for path in paths:
+            linear = layer.get_submodule(path)
+            flops += 2 * linear.in_features * linear.out_features
+        flops += 4 * seq_len * heads * structure.head_dim  # scores q.k and weighted sum of v, per token
+    return ModelSummary(
+        parameters=sum(p.numel() for p in model.parameters()),
+        size_bytes=_safetensors_bytes(model),
+        heads_per_layer=structure.heads,
+        ffn_per_layer=structure.ffn,
+        max_heads=structure.max_heads,
+        flops_per_token=flops,
+    )
+
+
+def _safetensors_bytes(model: PreTrainedModel) -> int:
+    # Tied weights are one tensor under two names in the state dict, and safetensors stores them once.
+    seen, total = set(), 0
+    for tensor in model.state_dict().values():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if tensor.numel() and key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _count(value: float) -> str:
+    """`value` with a K / M / G suffix."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.2f} {unit}"
+    return f"{value:,.0f}"
+
+
+def _bytes(value: int) -> str:
+    return f"{_count(value)}B" if value >= 1e3 else f"{value} B"
+
+
+# (label, value of a ModelSummary, how to show it): the rows of the report's summary table.
+_ROWS = (
+    ("parameters", lambda s: s.parameters, "{:,}".format),
+    ("size on disk", lambda s: s.size_bytes, _bytes),
+    ("encoder FLOPs/token @ {seq_len} tokens", lambda s: s.flops_per_token, _count),
+    ("layers", lambda s: s.num_layers, str),
+    ("attention heads", lambda s: sum(s.heads_per_layer), "{:,}".format),
+    ("FFN neurons", lambda s: sum(s.ffn_per_layer), "{:,}".format),
+)
+
+
+def _format_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def render(row: list[str]) -> str:
+        # Names left-aligned, numbers right-aligned.
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
+
+    return [render(header), "  ".join("-" * width for width in widths), *(render(row) for row in rows)]
