@@ -1,0 +1,174 @@
+"""`DistillationTrainingArguments`: every `TrainingArguments` field plus the knobs of knowledge distillation."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+from transformers.utils import logging
+
+from .losses import HIDDEN_LOSS_TYPES
+
+logger = logging.get_logger(__name__)
+
+
+def _parse_layer_mapping(value: dict | str) -> dict[int, int]:
+    """A `{student_layer: teacher_layer}` dict of non-negative ints, from a dict or a JSON string (the CLI form)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f'layer_mapping={value!r} is not valid JSON; pass a JSON object such as \'{{"1": 3, "2": 6}}\' '
+                "(student layer -> teacher layer)."
+            ) from error
+    if not isinstance(value, dict) or not value:
+        raise ValueError(
+            f"layer_mapping={value!r} must be a non-empty dict of student layer -> teacher layer, e.g. {{1: 3, 2: 6}}."
+        )
+    mapping = {}
+    for student_layer, teacher_layer in value.items():
+        student_index, teacher_index = _layer_index(student_layer), _layer_index(teacher_layer)
+        if student_index is None or teacher_index is None:
+            raise ValueError(
+                f"layer_mapping entry {student_layer!r}: {teacher_layer!r} is invalid; layers are non-negative integer "
+                "hidden-state indices (0 = embeddings, i = output of transformer layer i)."
+            )
+        mapping[student_index] = teacher_index
+    return mapping
+
+
+def _layer_index(value: Any) -> int | None:
+    """`value` as a non-negative int (JSON keys arrive as strings), or None when it is not one."""
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
+@dataclass
+class DistillationTrainingArguments(TrainingArguments):
+    r"""[`~transformers.TrainingArguments`] for [`DistillationTrainer`]. Only the new arguments are listed here.
+
+    The training loss is
+    `alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(student, labels)
+    + hidden_loss_weight * hidden_loss + attention_loss_weight * attention_loss`.
+
+    Args:
+        temperature (`float`, *optional*, defaults to `2.0`):
+            Softmax temperature `T > 0` of the soft targets. Higher values expose more of the teacher's "dark
+            knowledge" (the relative probabilities of wrong classes). Unused for regression heads.
+        alpha (`float`, *optional*, defaults to `0.5`):
+            Weight in `[0, 1]` of the soft (teacher) loss; `1 - alpha` weighs the hard-label loss. `alpha=0` is plain
+            fine-tuning (exactly the `Trainer` loss), `alpha=1` pure distillation (labels optional).
+        hidden_loss_weight (`float`, *optional*, defaults to `0.0`):
+            Weight of the hidden-state loss between mapped layers (TinyBERT / DistilBERT). `0` turns it off.
+        hidden_loss_type (`str`, *optional*, defaults to `"mse"`):
+            `"mse"` (TinyBERT) or `"cosine"` (`1 - cos`, DistilBERT).
+        attention_loss_weight (`float`, *optional*, defaults to `0.0`):
+            Weight of the KL between attention distributions of mapped layers (MiniLM / TinyBERT). `0` turns it off.
+            Needs the same number of heads in mapped layers and a student without attention dropout.
+        layer_mapping (`dict[int, int]` or `str`, *optional*):
+            Student layer -> teacher layer for the intermediate losses, as hidden-state indices: `0` is the embedding
+            output, `i` the output of transformer layer `i`. A JSON string on the command line (`'{"1": 3, "2": 6}'`).
+            Defaults to spreading the student's layers evenly over the teacher's: student layer `i` of `S` maps to
+            teacher layer `i * T // S` of `T` (the last layers always meet; embeddings are not mapped).
+        teacher_model_init_kwargs (`dict[str, Any]` or `str`, *optional*):
+            Keyword arguments of `from_pretrained` when the teacher is given as a Hub id or path (a JSON string on the
+            command line), e.g. `{"revision": "main"}`.
+    """
+
+    temperature: float = field(
+        default=2.0,
+        metadata={"help": "Softmax temperature T > 0 of the soft targets (DistilBERT used 2). Unused for regression."},
+    )
+    alpha: float = field(
+        default=0.5,
+        metadata={
+            "help": "Weight in [0, 1] of the soft (teacher) loss; 1 - alpha weighs the hard-label loss. 0 is plain "
+            "fine-tuning, 1 pure distillation (labels optional)."
+        },
+    )
+    hidden_loss_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the hidden-state loss between mapped layers; 0 turns it off."},
+    )
+    hidden_loss_type: str = field(
+        default="mse",
+        metadata={
+            "help": "Hidden-state loss: 'mse' (TinyBERT) or 'cosine' (1 - cos, DistilBERT).",
+            "choices": ["mse", "cosine"],
+        },
+    )
+    attention_loss_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the KL between attention distributions of mapped layers (MiniLM); 0 turns it off. "
+            "Needs equal head counts and no attention dropout in the student."
+        },
+    )
+    layer_mapping: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Student layer -> teacher layer for the intermediate losses, as a JSON object such as "
+            '\'{"1": 3, "2": 6}\'. Layers are hidden-state indices: 0 = embeddings, i = output of layer i. '
+            "Defaults to spreading the student's layers evenly over the teacher's."
+        },
+    )
+    teacher_model_init_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments of `from_pretrained` when the teacher is a Hub id or path, as a JSON object."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (
+            isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0
+        ):
+            raise ValueError(
+                f"temperature={self.temperature!r} is invalid: it must be a finite number > 0 (typical values 1 to 8)."
+            )
+        if not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
+            raise ValueError(
+                f"alpha={self.alpha!r} is invalid: it is the weight of the soft loss and must lie in [0, 1] "
+                "(0 = hard labels only, 1 = teacher only)."
+            )
+        for name in ("hidden_loss_weight", "attention_loss_weight"):
+            weight = getattr(self, name)
+            if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+                raise ValueError(f"{name}={weight!r} is invalid: it must be a finite number >= 0 (0 turns it off).")
+        if self.hidden_loss_type not in HIDDEN_LOSS_TYPES:
+            raise ValueError(
+                f"hidden_loss_type={self.hidden_loss_type!r} is not supported; use one of {list(HIDDEN_LOSS_TYPES)}."
+            )
+        if self.layer_mapping is not None:
+            self.layer_mapping = _parse_layer_mapping(self.layer_mapping)
+            if self.hidden_loss_weight == 0 and self.attention_loss_weight == 0:
+                logger.warning(
+                    "layer_mapping is set but hidden_loss_weight and attention_loss_weight are 0, so it is unused; "
+                    "set one of them > 0 to distill intermediate layers."
+                )
+        if isinstance(self.teacher_model_init_kwargs, str):
+            try:
+                self.teacher_model_init_kwargs = json.loads(self.teacher_model_init_kwargs)
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"teacher_model_init_kwargs={self.teacher_model_init_kwargs!r} is not valid JSON; pass a JSON "
+                    'object such as \'{"revision": "main"}\'.'
+                ) from error
+        if self.teacher_model_init_kwargs is not None and not isinstance(self.teacher_model_init_kwargs, dict):
+            raise ValueError(
+                f"teacher_model_init_kwargs={self.teacher_model_init_kwargs!r} must be a dict of `from_pretrained` "
+                "keyword arguments."
+            )
+
+    @property
+    def uses_intermediate_layers(self) -> bool:
+        """Whether a hidden-state or attention loss is on."""
+        return self.hidden_loss_weight > 0 or self.attention_loss_weight > 0

@@ -1,0 +1,660 @@
+"""`DistillationTrainer`: swap `Trainer` for it to train a student against a frozen teacher.
+
+The loss is `alpha * soft + (1 - alpha) * hard + hidden_loss_weight * hidden + attention_loss_weight * attention`
+(see `DistillationTrainingArguments`); every part is a pure function of `hf_compress.losses`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import (
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    PreTrainedModel,
+    Trainer,
+    TrainerCallback,
+)
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
+)
+from transformers.utils import ModelOutput, logging
+
+from .architectures import get_layers, get_spec, supported_model_types
+from .distillation_config import DistillationTrainingArguments
+from .losses import (
+    attention_kl_loss,
+    cross_entropy_loss,
+    hidden_state_loss,
+    regression_loss,
+    soft_kl_loss,
+    token_kl_loss,
+)
+
+logger = logging.get_logger(__name__)
+
+# Written beside the optimizer state in each checkpoint (never into the student's weights), so resuming restores it.
+PROJECTIONS_NAME = "distillation_projections.safetensors"
+# Attention-dropout fields of the supported configs: returned attention probabilities include dropout in training.
+_ATTENTION_DROPOUT_FIELDS = ("attention_probs_dropout_prob", "attention_dropout")
+
+
+@dataclass(frozen=True)
+class _Task:
+    name: str
+    auto_class: type
+    class_names: dict[str, str]
+    token_level: bool
+
+
+_TASKS = (
+    _Task(
+        "sequence classification",
+        AutoModelForSequenceClassification,
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+        False,
+    ),
+    _Task("token classification", AutoModelForTokenClassification, MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES, True),
+    _Task("masked language modeling", AutoModelForMaskedLM, MODEL_FOR_MASKED_LM_MAPPING_NAMES, True),
+)
+
+
+class _ItemCounts(NamedTuple):
+    """What `DistillationTrainer` passes as `num_items_in_batch`: counts over the accumulated (and gathered) batch."""
+
+    items: torch.Tensor  # positions the soft and hard losses average over (labelled examples or tokens)
+    examples: torch.Tensor  # rows, which the hidden-state and attention losses average over
+
+
+def _task_of(model: PreTrainedModel) -> _Task:
+    """The distillation task of `model`, found from its class (subclasses of a supported head included)."""
+    class_names = {cls.__name__ for cls in type(model).__mro__}
+    model_type = getattr(model.config, "model_type", None)
+    for task in _TASKS:
+        if task.class_names.get(model_type) in class_names:
+            return task
+    supported = ", ".join(task.auto_class.__name__ for task in _TASKS)
+    raise ValueError(
+        f"DistillationTrainer does not support {type(model).__name__}: use a model loaded with one of {supported}."
+    )
+
+
+def _forward_arg_names(model: nn.Module) -> frozenset[str]:
+    """The named arguments of `model.forward` (`**kwargs` excluded: what lands there may be rejected downstream)."""
+    parameters = inspect.signature(model.forward).parameters.values()
+    return frozenset(p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
+
+
+def _is_regression(config) -> bool:
+    return config.problem_type == "regression" or (config.problem_type is None and config.num_labels == 1)
+
+
+def _load_teacher(teacher_model: PreTrainedModel | str, student: PreTrainedModel, args) -> PreTrainedModel:
+    """The teacher itself, or the Hub id / local path loaded with the student's Auto class."""
+    if isinstance(teacher_model, str):
+        auto_class = _task_of(student).auto_class
+        logger.info(f"Loading the teacher {teacher_model!r} with {auto_class.__name__}.")
+        return auto_class.from_pretrained(teacher_model, **(args.teacher_model_init_kwargs or {}))
+    if not isinstance(teacher_model, PreTrainedModel):
+        raise ValueError(
+            f"teacher_model must be a PreTrainedModel or a Hub id / local path, got {type(teacher_model).__name__}."
+        )
+    return teacher_model
+
+
+def _resolve_layer_mapping(student: PreTrainedModel, teacher: PreTrainedModel, args) -> dict[int, int]:
+    """`args.layer_mapping` checked against both depths, or the default that spreads the student over the teacher."""
+    student_layers, teacher_layers = student.config.num_hidden_layers, teacher.config.num_hidden_layers
+    if args.layer_mapping is None:
+        return {layer: layer * teacher_layers // student_layers for layer in range(1, student_layers + 1)}
+    for student_layer, teacher_layer in args.layer_mapping.items():
+        if student_layer > student_layers or teacher_layer > teacher_layers:
+            raise ValueError(
+                f"layer_mapping entry {student_layer}: {teacher_layer} is out of range: student layers are 0..."
+                f"{student_layers} and teacher layers 0...{teacher_layers} (0 = embeddings, i = output of layer i)."
+            )
+    return dict(args.layer_mapping)
+
+
+def _check_compatible(student: PreTrainedModel, teacher: PreTrainedModel, args) -> None:
+    """Raise a ValueError naming both values and the fix when `teacher` cannot be distilled into `student`."""
+    student_task, teacher_task = _task_of(student), _task_of(teacher)
+    if student_task != teacher_task:
+        raise ValueError(
+            f"The student ({type(student).__name__}) does {student_task.name} but the teacher "
+            f"({type(teacher).__name__}) does {teacher_task.name}; load the teacher with "
+            f"{student_task.auto_class.__name__} so both predict the same outputs."
+        )
+    s_config, t_config = student.config, teacher.config
+    if "multi_label_classification" in (s_config.problem_type, t_config.problem_type):
+        raise ValueError(
+            "problem_type='multi_label_classification' is not supported: the soft loss compares softmax "
+            "distributions over mutually exclusive classes. Use single-label classification or regression."
+        )
+    if student_task.token_level and s_config.vocab_size != t_config.vocab_size:
+        raise ValueError(
+            f"The student model has vocab_size {s_config.vocab_size} but the teacher model has vocab_size "
+            f"{t_config.vocab_size}; token-level distillation compares predictions token by token, so use a teacher "
+            "and student with the same tokenizer and vocab_size."
+        )
+    if student_task.auto_class is not AutoModelForMaskedLM and s_config.num_labels != t_config.num_labels:
+        raise ValueError(
+            f"The student model has num_labels={s_config.num_labels} but the teacher model has "
+            f"num_labels={t_config.num_labels}; build the student with num_labels={t_config.num_labels} (and the "
+            "teacher's id2label) or use a teacher trained on the student's labels."
+        )
+    if _is_regression(s_config) != _is_regression(t_config):
+        raise ValueError(
+            f"The student's problem_type is {s_config.problem_type!r} but the teacher's is {t_config.problem_type!r}; "
+            "set the same problem_type on both configs."
+        )
+    if not student_task.token_level and s_config.vocab_size != t_config.vocab_size:
+        logger.warning(
+            f"The student has vocab_size {s_config.vocab_size} and the teacher {t_config.vocab_size}: the teacher reads "
+            "the student's input_ids, so both must share a tokenizer."
+        )
+    if s_config.num_labels > 1 and s_config.id2label != t_config.id2label:
+        logger.warning(
+            f"The student's id2label {s_config.id2label} differs from the teacher's {t_config.id2label}: distillation "
+            "matches classes by index, so make sure index i means the same label in both."
+        )
+    if args.uses_intermediate_layers:
+        mapping = _resolve_layer_mapping(student, teacher, args)
+        if args.attention_loss_weight > 0:
+            _check_attention_loss(student, teacher, mapping, args)
+
+
+def _check_attention_loss(student: PreTrainedModel, teacher: PreTrainedModel, mapping: dict[int, int], args) -> None:
+    if not any(s > 0 and t > 0 for s, t in mapping.items()):
+        raise ValueError(
+            f"attention_loss_weight={args.attention_loss_weight} but layer_mapping {mapping} maps no transformer layer "
+            "to a transformer layer (0 is the embedding output, which has no attention); map layers >= 1."
+        )
+    student_heads, teacher_heads = student.config.num_attention_heads, teacher.config.num_attention_heads
+    if student_heads != teacher_heads:
+        raise ValueError(
+            f"The attention loss needs the same number of heads, but the student has {student_heads} attention heads "
+            f"and the teacher {teacher_heads}; set attention_loss_weight=0 (use hidden_loss_weight instead) or use a "
+            "student with as many heads as the teacher."
+        )
+    # Registered architectures get their attention dropout switched off (`_prepare_student`); others cannot.
+    if student.config.model_type in supported_model_types():
+        return
+    for name in _ATTENTION_DROPOUT_FIELDS:
+        dropout = getattr(student.config, name, None)
+        if dropout:
+            raise ValueError(
+                f"attention_loss_weight={args.attention_loss_weight} needs the student's attention probabilities "
+                f"without dropout, but its config has {name}={dropout} and hf-compress cannot switch it off for "
+                f"model_type {student.config.model_type!r}; create or load the student with {name}=0.0 "
+                f"(e.g. `from_pretrained(..., {name}=0.0)`) or register the architecture."
+            )
+
+
+def _switch_off_attention_dropout(model: PreTrainedModel) -> None:
+    """Attention probabilities come back after dropout in training, which would make the KL meaningless."""
+    spec = get_spec(model)
+    switched = set()
+    for layer in get_layers(model):
+        dropout = getattr(layer.get_submodule(spec.attention_core), "dropout", None)
+        if isinstance(dropout, nn.Dropout) and dropout.p > 0:
+            switched.add(dropout.p)
+            dropout.p = 0.0
+    if switched:
+        logger.warning(
+            f"attention_loss_weight > 0: the student's attention-probability dropout ({max(switched)}) is switched "
+            "off for distillation (its other dropout stays); the config, and so the saved checkpoint, keep the value."
+        )
+
+
+class _DistillationCallback(TrainerCallback):
+    """Resets the logged loss parts when training (re)starts and clears the projection gradients after each step."""
+
+    def __init__(self, trainer: DistillationTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._loss_part_sums = {}
+        self.trainer._loss_parts_logged_step = state.global_step
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        # The Trainer only zeroes the student's gradients (`model.zero_grad()`).
+        if self.trainer.hidden_projections is not None:
+            self.trainer.hidden_projections.zero_grad(set_to_none=True)
+
+
+class DistillationTrainer(Trainer):
+    r"""A [`~transformers.Trainer`] that trains `model` (the student) to match `teacher_model`.
+
+    The loss of each batch is `alpha * soft + (1 - alpha) * hard + hidden_loss_weight * hidden +
+    attention_loss_weight * attention` where, with `T` the temperature:
+
+    - `soft = T^2 * KL(softmax(teacher / T) || softmax(student / T))`, averaged over examples (sequence classification)
+      or over the tokens whose label is not `-100` (token classification, masked LM; all non-padding tokens when the
+      batch has no labels). Regression heads (`num_labels == 1`) use the MSE to the teacher's prediction instead.
+    - `hard` is the loss of the student's head with the labels (cross-entropy, or MSE for regression), exactly as the
+      stock `Trainer` computes it, so `alpha=0` is plain fine-tuning.
+    - `hidden` and `attention` compare mapped layers (see `layer_mapping`); both are off by default.
+
+    The teacher is frozen, in eval mode, run without gradients, placed on the training device (and in bf16/fp16 when
+    those are on), never wrapped for distributed training and never saved: checkpoints and `save_model` hold the
+    student only. The soft, hard, hidden and attention parts are logged as `soft_loss`, `hard_loss`, `hidden_loss` and
+    `attention_loss` next to `loss`, averaged over the logging interval and over processes like it.
+
+    Args:
+        model ([`~transformers.PreTrainedModel`], *optional*):
+            The student, a sequence-classification, token-classification or masked-LM model. Either `model` or
+            `model_init`.
+        teacher_model ([`~transformers.PreTrainedModel`] or `str`):
+            The teacher, with the same head and number of labels (same vocabulary for token-level tasks), or a Hub id /
+            local path loaded with the student's Auto class and `args.teacher_model_init_kwargs`.
+        args ([`DistillationTrainingArguments`], *optional*):
+            Training and distillation arguments; defaults to `DistillationTrainingArguments(output_dir="tmp_trainer")`.
+        data_collator, train_dataset, eval_dataset, processing_class, model_init, compute_metrics, callbacks,
+        optimizers, optimizer_cls_and_kwargs, preprocess_logits_for_metrics:
+            As in [`~transformers.Trainer`]. Columns that only the teacher's `forward` takes (`token_type_ids` for a
+            BERT teacher of a DistilBERT student) are kept by `remove_unused_columns`, and each model receives only
+            the inputs its `forward` names.
+
+    Example:
+        ```python
+        from hf_compress import DistillationTrainer, DistillationTrainingArguments
+
+        args = DistillationTrainingArguments(output_dir="student", temperature=4.0, alpha=0.5, num_train_epochs=3)
+        trainer = DistillationTrainer(
+            model=student, teacher_model="textattack/bert-base-uncased-SST-2", args=args, train_dataset=train_dataset
+        )
+        trainer.train()
+        trainer.save_model()
+        ```
+    """
+
+    # The loss is normalised by the item counts of the whole accumulated batch (see `_get_num_items_in_batch`, which
+    # always provides them in training), so the Trainer must not divide it by the accumulation steps again.
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        model: PreTrainedModel | None = None,
+        teacher_model: PreTrainedModel | str | None = None,
+        args: DistillationTrainingArguments | None = None,
+        data_collator: Callable | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        model_init: Callable[..., PreTrainedModel] | None = None,
+        compute_metrics: Callable | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
+        optimizer_cls_and_kwargs: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None,
+        preprocess_logits_for_metrics: Callable | None = None,
+    ):
+        if args is None:
+            args = DistillationTrainingArguments(output_dir="tmp_trainer")
+        elif not isinstance(args, DistillationTrainingArguments):
+            raise ValueError(
+                f"args must be a DistillationTrainingArguments, got {type(args).__name__}; create it with "
+                "`DistillationTrainingArguments(output_dir=..., temperature=..., alpha=..., **training_arguments)`."
+            )
+        if teacher_model is None:
+            raise ValueError("DistillationTrainer needs a teacher_model (a PreTrainedModel, Hub id or local path).")
+        # Check everything before the Trainer touches the student, so a bad pair leaves both models as they were.
+        if model is not None:
+            teacher_model = _load_teacher(teacher_model, model, args)
+            _check_compatible(model, teacher_model, args)
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            model_init=model_init,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )
+        if model is None:  # built by `model_init` inside `Trainer.__init__`
+            teacher_model = _load_teacher(teacher_model, self.model, args)
+            _check_compatible(self.model, teacher_model, args)
+
+        self._task = _task_of(self.model)
+        self._regression = _is_regression(self.model.config)
+        self.teacher_model = self._prepare_teacher(teacher_model)
+        self._student_input_names = _forward_arg_names(self.model) - {"labels"}
+        self._teacher_input_names = _forward_arg_names(self.teacher_model) - {"labels"}
+        self._output_flags = {}
+        if args.hidden_loss_weight > 0:
+            self._output_flags["output_hidden_states"] = True
+        if args.attention_loss_weight > 0:
+            self._output_flags["output_attentions"] = True
+        # alpha=0 without intermediate losses is plain fine-tuning: skip the teacher's forward entirely.
+        self._needs_teacher = args.alpha > 0 or args.uses_intermediate_layers
+
+        self._prepare_student(self.model)
+        self.layer_mapping: dict[int, int] = {}
+        self.hidden_projections: nn.ModuleDict | None = None
+        if args.uses_intermediate_layers:
+            self.layer_mapping = _resolve_layer_mapping(self.model, self.teacher_model, args)
+            self.hidden_projections = self._build_projections()
+        self._attention_pairs = [(s, t) for s, t in self.layer_mapping.items() if s > 0 and t > 0]
+
+        self._loss_part_sums: dict[str, torch.Tensor] = {}
+        self._loss_parts_logged_step = 0
+        self.add_callback(_DistillationCallback(self))
+
+    # ---- Setup ----
+
+    def _prepare_teacher(self, teacher: PreTrainedModel) -> PreTrainedModel:
+        """Freeze the teacher and put it on the training device and compute dtype (it is never `prepare`d)."""
+        teacher.eval()
+        teacher.requires_grad_(False)
+        dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+        # A teacher dispatched over devices by `device_map` stays where it is.
+        if getattr(teacher, "hf_device_map", None) is None:
+            teacher.to(device=self.args.device, dtype=dtype)
+        if self.args.attention_loss_weight > 0:
+            self._use_eager_attention(teacher, "teacher")
+        return teacher
+
+    def _use_eager_attention(self, model: PreTrainedModel, role: str) -> None:
+        """SDPA and flash attention return no attention probabilities; the attention loss needs them."""
+        if model.config._attn_implementation != "eager":
+            logger.info(f"Switching the {role} ({type(model).__name__}) to eager attention for the attention loss.")
+            model.set_attn_implementation("eager")
+
+    def _prepare_student(self, model: PreTrainedModel) -> None:
+        """The attention loss needs the student's attention probabilities, undropped."""
+        if self.args.attention_loss_weight > 0:
+            self._use_eager_attention(model, "student")
+            if model.config.model_type in supported_model_types():
+                _switch_off_attention_dropout(model)
+
+    def call_model_init(self, trial: Any = None) -> PreTrainedModel:
+        model = super().call_model_init(trial)
+        self._prepare_student(model)
+        return model
+
+    def _build_projections(self) -> nn.ModuleDict | None:
+        """One learned `Linear(student_hidden, teacher_hidden)` per mapped student layer, when the sizes differ."""
+        student_size, teacher_size = self.model.config.hidden_size, self.teacher_model.config.hidden_size
+        if self.args.hidden_loss_weight == 0 or student_size == teacher_size:
+            return None
+        projections = nn.ModuleDict({str(s): nn.Linear(student_size, teacher_size) for s in self.layer_mapping})
+        return projections.to(self.args.device)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # Keep the columns the teacher needs even when the student's forward does not take them.
+        if self._signature_columns is None:
+            super()._set_signature_columns_if_needed()
+            self._signature_columns += sorted(self._teacher_input_names - set(self._signature_columns))
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer, plus the hidden-state projections (trained with the student) when there are any."""
+        created_here = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        if self.hidden_projections is None:
+            return optimizer
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if all(id(p) in in_optimizer for p in self.hidden_projections.parameters()):
+            return optimizer
+        if not created_here:
+            logger.warning(
+                "The optimizer passed to DistillationTrainer does not hold `trainer.hidden_projections`, so the "
+                "hidden-state projections stay at their random initialisation; add their parameters to it."
+            )
+            return optimizer
+        named = list(self.hidden_projections.named_parameters())
+        optimizer.add_param_group(
+            {"params": [p for n, p in named if n.endswith("weight")], "weight_decay": self.args.weight_decay}
+        )
+        optimizer.add_param_group({"params": [p for n, p in named if not n.endswith("weight")], "weight_decay": 0.0})
+        return optimizer
+
+    # ---- Loss ----
+
+    def _teacher_outputs(self, inputs: dict[str, Any]) -> ModelOutput:
+        """Run the teacher on one batch; the single place teacher outputs come from (override to serve a cache).
+
+        Args:
+            inputs: The batch as given to `compute_loss` (already on the training device); the teacher receives the
+                inputs its `forward` names, labels excluded.
+
+        Returns:
+            The teacher's output: `logits`, plus `hidden_states` / `attentions` when the intermediate losses are on.
+        """
+        device = self.teacher_model.device
+        teacher_inputs = {
+            k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items() if k in self._teacher_input_names
+        }
+        # no_grad rather than inference_mode: inference tensors cannot be saved for the student's backward.
+        with torch.no_grad():
+            return self.teacher_model(**teacher_inputs, **self._output_flags)
+
+    def _count_items(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        """(positions the soft and hard losses average over, rows) of one batch."""
+        rows = next(v.shape[0] for v in batch.values() if torch.is_tensor(v))
+        labels = batch.get("labels")
+        if self._regression:
+            return torch.tensor(rows), rows
+        if labels is not None:
+            return labels.ne(-100).sum(), rows
+        if self._task.token_level:
+            mask = batch.get("attention_mask")
+            return (mask.sum() if mask is not None else torch.tensor(batch["input_ids"].numel())), rows
+        return torch.tensor(rows), rows
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> _ItemCounts | None:
+        """Item counts of the whole accumulated batch, summed over processes, so that every part of the loss averages
+        over the big batch exactly (the stock Trainer only counts labels, and only when the model takes loss kwargs).
+        """
+        if not batch_samples:
+            return None
+        counts = [self._count_items(batch) for batch in batch_samples]
+        totals = torch.stack([sum(items for items, _ in counts), torch.tensor(sum(rows for _, rows in counts))])
+        totals = totals.to(device=device, dtype=torch.long)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            totals = self.accelerator.gather(totals[None]).sum(0)
+        return _ItemCounts(items=totals[0], examples=totals[1])
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: _ItemCounts | torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, ModelOutput]:
+        """The distillation loss of one batch (see the class docstring).
+
+        Args:
+            model: The (possibly wrapped) student.
+            inputs: The batch; `labels` are required unless `alpha == 1`.
+            return_outputs: Also return the student's outputs.
+            num_items_in_batch: The counts from `_get_num_items_in_batch` (what training passes); a plain number is
+                taken as the count of labelled items, as in `Trainer`; `None` averages over this batch alone.
+
+        Returns:
+            The loss, or `(loss, student_outputs)` with `return_outputs`.
+        """
+        labels = inputs.get("labels")
+        if labels is None and self.args.alpha < 1:
+            raise ValueError(
+                f"alpha={self.args.alpha} gives the hard-label loss a weight of {1 - self.args.alpha:g}, but the batch "
+                f"has no 'labels' (keys: {sorted(inputs)}); add labels or set alpha=1.0 for pure distillation."
+            )
+        items, examples = (
+            num_items_in_batch if isinstance(num_items_in_batch, _ItemCounts) else (num_items_in_batch, None)
+        )
+        student_inputs = {k: v for k, v in inputs.items() if k in self._student_input_names}
+        outputs = model(**student_inputs, **self._output_flags)
+        teacher_outputs = self._teacher_outputs(inputs) if self._needs_teacher else None
+        parts = self._loss_parts(outputs, teacher_outputs, inputs, labels, items, examples)
+
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices and self.args.world_size > 1:
+            # Each process divides its sum by the global count; undo the mean that DDP takes over the gradients.
+            parts = {name: value * self.accelerator.num_processes for name, value in parts.items()}
+        weights = {
+            "soft_loss": self.args.alpha,
+            "hard_loss": 1.0 - self.args.alpha,
+            "hidden_loss": self.args.hidden_loss_weight,
+            "attention_loss": self.args.attention_loss_weight,
+        }
+        loss = sum(weights[name] * value for name, value in parts.items() if weights[name] > 0)
+        if model.training:
+            for name, value in parts.items():
+                previous = self._loss_part_sums.get(name)
+                self._loss_part_sums[name] = value.detach() if previous is None else previous + value.detach()
+        if not return_outputs:
+            return loss
+        if self._output_flags:  # do not hand evaluation the hidden states / attentions asked for the loss only
+            outputs = type(outputs)(**{k: v for k, v in outputs.items() if k not in ("hidden_states", "attentions")})
+        return loss, outputs
+
+    def _loss_parts(
+        self,
+        outputs: ModelOutput,
+        teacher_outputs: ModelOutput | None,
+        inputs: dict[str, Any],
+        labels: torch.Tensor | None,
+        items: torch.Tensor | int | None,
+        examples: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
+        """Each part of the loss, unweighted, normalised by `items` (soft, hard) or `examples` (intermediate)."""
+        logits = outputs.logits
+        parts = {}
+        if self._regression:
+            if teacher_outputs is not None:
+                parts["soft_loss"] = regression_loss(logits, teacher_outputs.logits, num_items_in_batch=items)
+            if labels is not None:
+                parts["hard_loss"] = regression_loss(logits, labels, num_items_in_batch=items)
+            return self._intermediate_parts(outputs, teacher_outputs, inputs, examples, parts)
+
+        if labels is not None and labels.is_floating_point():
+            raise ValueError(
+                f"The labels are floats ({labels.dtype}) but the student has num_labels={logits.shape[-1]}: "
+                "multi-label classification is not supported; pass integer class indices."
+            )
+        temperature = self.args.temperature
+        mask = labels.ne(-100) if labels is not None else None
+        if teacher_outputs is not None:
+            teacher_logits = teacher_outputs.logits.to(logits.device)
+            if self._task.token_level:
+                if mask is None:
+                    attention_mask = inputs.get("attention_mask")
+                    mask = attention_mask.bool() if attention_mask is not None else torch.ones_like(logits[..., 0])
+                parts["soft_loss"] = token_kl_loss(logits, teacher_logits, mask, temperature, items)
+            else:
+                parts["soft_loss"] = soft_kl_loss(logits, teacher_logits, temperature, mask, items)
+        if labels is not None:
+            parts["hard_loss"] = cross_entropy_loss(logits, labels, self.args.label_smoothing_factor, items)
+        return self._intermediate_parts(outputs, teacher_outputs, inputs, examples, parts)
+
+    def _intermediate_parts(
+        self,
+        outputs: ModelOutput,
+        teacher_outputs: ModelOutput | None,
+        inputs: dict[str, Any],
+        examples: torch.Tensor | None,
+        parts: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """Add the hidden-state and attention losses, each averaged over the mapped layer pairs."""
+        attention_mask = inputs.get("attention_mask")
+        if self.args.hidden_loss_weight > 0:
+            self._check_returned(outputs, teacher_outputs, "hidden_states")
+            losses = []
+            for s, t in self.layer_mapping.items():
+                student_hidden = outputs.hidden_states[s].float()
+                if self.hidden_projections is not None:
+                    student_hidden = self.hidden_projections[str(s)](student_hidden)
+                teacher_hidden = teacher_outputs.hidden_states[t].to(student_hidden.device)
+                losses.append(
+                    hidden_state_loss(
+                        student_hidden, teacher_hidden, attention_mask, self.args.hidden_loss_type, examples
+                    )
+                )
+            parts["hidden_loss"] = torch.stack(losses).mean()
+        if self.args.attention_loss_weight > 0:
+            self._check_returned(outputs, teacher_outputs, "attentions")
+            # attentions[i - 1] belongs to transformer layer i (hidden_states[i] is its output).
+            losses = [
+                attention_kl_loss(
+                    outputs.attentions[s - 1],
+                    teacher_outputs.attentions[t - 1].to(outputs.attentions[s - 1].device),
+                    attention_mask,
+                    examples,
+                )
+                for s, t in self._attention_pairs
+            ]
+            parts["attention_loss"] = torch.stack(losses).mean()
+        return parts
+
+    def _check_returned(self, outputs: ModelOutput, teacher_outputs: ModelOutput | None, name: str) -> None:
+        fix = {
+            "hidden_states": "its forward must honour output_hidden_states=True",
+            "attentions": "attention probabilities need eager attention: `model.set_attn_implementation('eager')`",
+        }[name]
+        for who, output in (("student", outputs), ("teacher", teacher_outputs)):
+            if output is None or getattr(output, name, None) is None:
+                raise ValueError(f"The {who} returned no {name}, which the intermediate losses need; {fix}.")
+
+    # ---- Training loop hooks ----
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: _ItemCounts | None = None
+    ) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # DDP averages the student's gradients; the projections live outside it, so average theirs here, once per
+        # optimizer step (after the last micro-batch, before clipping and the optimizer step).
+        if (
+            self.hidden_projections is not None
+            and self.accelerator.num_processes > 1
+            and self.accelerator.sync_gradients
+        ):
+            grads = [p.grad for p in self.hidden_projections.parameters() if p.grad is not None]
+            flat = self.accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+            for grad, reduced in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+                grad.copy_(reduced.view_as(grad))
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the loss parts (averaged over the logging interval and over processes, like `loss`) to training logs."""
+        if "loss" in logs and self._loss_part_sums:
+            names = sorted(self._loss_part_sums)
+            local = torch.stack([self._loss_part_sums[name].float() for name in names])  # (num_parts,)
+            mean_over_processes = self.accelerator.gather(local[None]).mean(0)  # (num_processes, num_parts) -> mean
+            steps = max(self.state.global_step - self._loss_parts_logged_step, 1)
+            for name, value in zip(names, mean_over_processes.tolist(), strict=True):
+                logs[name] = value / steps
+            self._loss_part_sums = {}
+            self._loss_parts_logged_step = self.state.global_step
+        super().log(logs, start_time)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        # The projections are training state like the optimizer: saved beside it, never into the student's weights.
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.hidden_projections is not None and self.args.should_save:
+            state = {k: v.detach().cpu().contiguous() for k, v in self.hidden_projections.state_dict().items()}
+            save_file(state, os.path.join(output_dir, PROJECTIONS_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or self.hidden_projections is None:
+            return
+        path = os.path.join(checkpoint, PROJECTIONS_NAME)
+        if not os.path.isfile(path):
+            logger.warning(f"{path} not found: the hidden-state projections restart from their initialisation.")
+            return
+        self.hidden_projections.load_state_dict(load_file(path, device=str(self.args.device)))
