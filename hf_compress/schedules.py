@@ -1,0 +1,139 @@
+"""Sparsity schedules for gradual pruning: how much of a model should be pruned at each training step.
+
+The schedules know nothing about what is pruned (weights, heads, neurons); a pruning callback asks them for the
+target at a step and prunes up to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def cubic_sparsity(
+    step: int,
+    final_sparsity: float,
+    initial_sparsity: float = 0.0,
+    begin_step: int = 0,
+    num_pruning_steps: int = 1,
+    frequency: int = 1,
+) -> float:
+    """Target sparsity at `step` of the cubic schedule of Zhu & Gupta (2017), "To prune, or not to prune".
+
+    Pruning happens at steps `t = t0 + k * dt` for `k = 0, ..., n` (`t0 = begin_step`, `dt = frequency`,
+    `n = num_pruning_steps`), where the target is
+
+        s_t = s_f + (s_i - s_f) * (1 - (t - t0) / (n * dt)) ** 3
+
+    so it starts at `s_i` at `t0`, rises fast while many redundant weights remain and flattens as it reaches `s_f` at
+    `t0 + n * dt`. Between pruning steps the target stays at the last pruning step's value (the result is piecewise
+    constant); before `t0` it is 0 (nothing pruned yet); after the last pruning step it is `s_f`.
+
+    Args:
+        step: The training step (optimizer updates so far, `TrainerState.global_step`).
+        final_sparsity: `s_f`, the sparsity reached at the last pruning step, in [0, 1].
+        initial_sparsity: `s_i`, the sparsity applied at the first pruning step, in [0, final_sparsity].
+        begin_step: `t0`, the first pruning step (>= 0).
+        num_pruning_steps: `n`, the number of pruning steps after the first one (>= 1).
+        frequency: `dt`, the steps between two pruning steps (>= 1).
+
+    Returns:
+        The target sparsity in [0, 1].
+
+    Example:
+
+    ```python
+    >>> schedule = dict(final_sparsity=0.9, begin_step=100, num_pruning_steps=4, frequency=50)
+    >>> [round(cubic_sparsity(t, **schedule), 4) for t in (99, 100, 150, 250, 400)]
+    [0.0, 0.0, 0.5203, 0.8859, 0.9]
+    ```
+    """
+    _check_schedule(final_sparsity, initial_sparsity, begin_step, num_pruning_steps, frequency)
+    if step < begin_step:
+        return 0.0
+    k = min((step - begin_step) // frequency, num_pruning_steps)
+    return final_sparsity + (initial_sparsity - final_sparsity) * (1.0 - k / num_pruning_steps) ** 3
+
+
+def _check_schedule(
+    final_sparsity: float, initial_sparsity: float, begin_step: int, num_pruning_steps: int, frequency: int
+) -> None:
+    if not 0.0 <= final_sparsity <= 1.0:
+        raise ValueError(f"`final_sparsity` must be in [0, 1], got {final_sparsity!r}.")
+    if not 0.0 <= initial_sparsity <= final_sparsity:
+        raise ValueError(
+            f"`initial_sparsity` must be in [0, final_sparsity={final_sparsity}], got {initial_sparsity!r}: the "
+            "schedule only ever prunes more."
+        )
+    for name, value, minimum in (
+        ("begin_step", begin_step, 0),
+        ("num_pruning_steps", num_pruning_steps, 1),
+        ("frequency", frequency, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+
+
+@dataclass(frozen=True)
+class CubicSparsitySchedule:
+    """The arguments of `cubic_sparsity`, checked once, with the pruning steps spelled out.
+
+    Args:
+        final_sparsity: Sparsity reached at `end_step`, in [0, 1].
+        initial_sparsity: Sparsity applied at `begin_step`, in [0, final_sparsity].
+        begin_step: The first pruning step.
+        num_pruning_steps: Pruning steps after the first one.
+        frequency: Steps between two pruning steps.
+
+    Example:
+
+    ```python
+    >>> schedule = CubicSparsitySchedule.from_step_range(0.8, begin_step=10, end_step=40, frequency=10)
+    >>> [(step, round(schedule(step), 3)) for step in schedule.pruning_steps]
+    [(10, 0.0), (20, 0.563), (30, 0.77), (40, 0.8)]
+    ```
+    """
+
+    final_sparsity: float
+    initial_sparsity: float = 0.0
+    begin_step: int = 0
+    num_pruning_steps: int = 1
+    frequency: int = 1
+
+    def __post_init__(self) -> None:
+        _check_schedule(
+            self.final_sparsity, self.initial_sparsity, self.begin_step, self.num_pruning_steps, self.frequency
+        )
+
+    @classmethod
+    def from_step_range(
+        cls, final_sparsity: float, begin_step: int, end_step: int, frequency: int, initial_sparsity: float = 0.0
+    ) -> CubicSparsitySchedule:
+        """Prune every `frequency` steps from `begin_step`, reaching `final_sparsity` at the last pruning step that
+        is <= `end_step` (`end_step` itself when `end_step - begin_step` is a multiple of `frequency`)."""
+        if isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1:
+            raise ValueError(f"`frequency` must be an integer >= 1, got {frequency!r}.")
+        if end_step - begin_step < frequency:
+            raise ValueError(
+                f"Gradual pruning needs end_step - begin_step >= frequency, got begin_step={begin_step}, "
+                f"end_step={end_step}, frequency={frequency}. Lower `frequency` or widen the step range."
+            )
+        return cls(final_sparsity, initial_sparsity, begin_step, (end_step - begin_step) // frequency, frequency)
+
+    @property
+    def end_step(self) -> int:
+        """The last pruning step, where the target reaches `final_sparsity`."""
+        return self.begin_step + self.num_pruning_steps * self.frequency
+
+    @property
+    def pruning_steps(self) -> list[int]:
+        """Every step at which the target changes (and pruning should happen)."""
+        return list(range(self.begin_step, self.end_step + 1, self.frequency))
+
+    def is_pruning_step(self, step: int) -> bool:
+        return self.begin_step <= step <= self.end_step and (step - self.begin_step) % self.frequency == 0
+
+    def __call__(self, step: int) -> float:
+        """The target sparsity at `step` (see `cubic_sparsity`)."""
+        return cubic_sparsity(
+            step, self.final_sparsity, self.initial_sparsity, self.begin_step, self.num_pruning_steps, self.frequency
+        )
