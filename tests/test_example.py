@@ -1,0 +1,156 @@
+"""The tiny variant of examples/distill_bert_sst2.py: a tiny teacher, a few TSV rows, a few steps."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model
+from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+from hf_compress import HubUnreachableError
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "distill_bert_sst2.py"
+SENTENCES = ["a good movie", "a bad film", "great fun", "dull and awful", "not very good", "love the story"]
+
+
+def _load_example():
+    spec = importlib.util.spec_from_file_location("distill_bert_sst2", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    # Dataclasses resolve their string annotations through sys.modules.
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def workspace(tmp_path, tiny_tokenizer):
+    teacher = tiny_model("bert", max_position_embeddings=64)
+    teacher.config.id2label, teacher.config.label2id = {0: "negative", 1: "positive"}, {"negative": 0, "positive": 1}
+    teacher.save_pretrained(tmp_path / "teacher")
+    tiny_tokenizer.save_pretrained(tmp_path / "teacher")
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, repeat in (("train", 3), ("validation", 1)):
+        rows = [f"{sentence}\t{i % 2}" for i, sentence in enumerate(SENTENCES)] * repeat
+        (data / f"{split}.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    return tmp_path
+
+
+def _args(workspace, *extra):
+    return [
+        "--teacher", str(workspace / "teacher"), "--dataset", str(workspace / "data"),
+        "--output_dir", str(workspace / "out"), "--student_layers", "2", "--max_steps", "3",
+        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--max_length", "16",
+        "--latency_repeats", "2", "--max_train_samples", "12", "--temperature", "3", "--alpha", "0.7",
+        "--logging_steps", "1", "--use_cpu", "true", *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("student_type", ["same", "distilbert"])
+def test_tiny_example_saves_student_comparison_and_card(workspace, student_type):
+    comparison = _load_example().main(_args(workspace, "--student_type", student_type))
+    out = workspace / "out"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "comparison.json", "README.md"} <= {
+        path.name for path in out.iterdir()
+    }
+    saved = json.loads((out / "comparison.json").read_text())
+    assert saved == json.loads(json.dumps(comparison))
+    assert saved["teacher"]["structure"]["layers"] == 4 and saved["student"]["structure"]["layers"] == 2
+    assert saved["dataset"] == {
+        "name": "data",
+        "hub_id": None,
+        "config": None,
+        "split": "validation",
+        "num_examples": 6,
+    }
+    for side in ("teacher", "student"):
+        assert set(saved[side]["metrics"]) == {"accuracy", "f1"} and saved[side]["latency_ms"] > 0
+    assert saved["student"]["parameters"] < saved["teacher"]["parameters"]
+    assert saved["speedup"] == pytest.approx(saved["teacher"]["latency_ms"] / saved["student"]["latency_ms"])
+    assert saved["latency"]["batch_size"] == 4 and saved["latency"]["sequence_length"] == 16
+
+    card = ModelCard.load(out / "README.md")
+    assert "hf-compress" in card.data.tags and card.data.eval_results[0].metric_type == "accuracy"
+    assert card.data.datasets is None and card.data.eval_results[0].dataset_type == "data"  # local data: no Hub id
+    assert "- Temperature: 3" in card.text and "- Alpha: 0.7" in card.text
+    assert "- Teacher layers kept: 0, 3" in card.text
+
+    # The saved student is a stock checkpoint of the chosen family that a pipeline runs as is.
+    student = AutoModelForSequenceClassification.from_pretrained(out)
+    expected = (
+        "DistilBertForSequenceClassification" if student_type == "distilbert" else "BertForSequenceClassification"
+    )
+    assert type(student).__name__ == expected
+    classify = pipeline("text-classification", model=str(out), device="cpu")
+    assert classify("a good movie")[0]["label"] in {"negative", "positive"}
+    if student_type == "distilbert":
+        assert "token_type_ids" not in AutoTokenizer.from_pretrained(out)("a good movie")
+
+
+def test_example_trains_the_student(workspace):
+    teacher = AutoModelForSequenceClassification.from_pretrained(workspace / "teacher")
+    _load_example().main(_args(workspace, "--layers_to_keep", "1", "2", "--student_layers", "2"))
+    student = AutoModelForSequenceClassification.from_pretrained(workspace / "out")
+    # Copied from teacher layer 1, then trained: changed, and the teacher's checkpoint on disk is untouched.
+    assert not torch.equal(
+        student.bert.encoder.layer[0].attention.self.query.weight,
+        teacher.bert.encoder.layer[1].attention.self.query.weight,
+    )
+    reloaded = AutoModelForSequenceClassification.from_pretrained(workspace / "teacher")
+    assert all(
+        torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), reloaded.state_dict().values(), strict=True)
+    )
+
+
+def test_example_without_hub_shows_the_local_command(workspace, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(HubUnreachableError, match="--teacher PATH/TO/MODEL_FOLDER") as error:
+        _load_example().main(["--teacher", "textattack/bert-base-uncased-SST-2", "--dataset", str(workspace / "data")])
+    assert "--dataset PATH/TO/DATA_FOLDER" not in str(error.value)  # the local dataset needs no Hub
+
+
+def test_example_pushes_student_card_and_comparison(workspace, monkeypatch):
+    uploads = []
+
+    def upload_folder(self, **kwargs):
+        files = {p.relative_to(kwargs["folder_path"]).as_posix(): p for p in Path(kwargs["folder_path"]).rglob("*")}
+        readme = files.get("README.md")
+        uploads.append({"files": set(files), "readme": readme.read_text() if readme else None, **kwargs})
+        return CommitInfo(
+            commit_url="https://huggingface.co/me/x/commit/1", commit_message="", commit_description="", oid="1"
+        )
+
+    monkeypatch.setattr(
+        HfApi, "create_repo", lambda self, repo_id, **kwargs: RepoUrl(f"https://huggingface.co/{repo_id}")
+    )
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    _load_example().main(_args(workspace, "--push_to_hub", "true", "--hub_model_id", "me/tiny-student"))
+    # The last commit is the complete one: student, tokenizer, this card and the comparison.
+    final = uploads[-1]
+    assert final["repo_id"] == "me/tiny-student"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "comparison.json"} <= final["files"]
+    card = ModelCard(final["readme"])
+    assert "hf-compress" in card.data.tags and 'from_pretrained("me/tiny-student")' in card.text
+
+
+def test_example_with_pruning_saves_a_loadable_pruned_student(workspace):
+    comparison = _load_example().main(_args(workspace, "--prune_keep", "0.7", "--prune_calibration_samples", "8"))
+    out = workspace / "out"
+    structure = comparison["student"]["structure"]
+    removed = comparison["pruning"]["removed"]
+    assert structure["layers"] == 2 and (removed["heads"] or removed["ffn_neurons"])
+    assert sum(structure["heads_per_layer"]) + sum(structure["ffn_neurons_per_layer"]) < 2 * (4 + 24)
+    card = ModelCard.load(out / "README.md")
+    assert card.data.tags[:3] == ["hf-compress", "distillation", "pruning"]
+    assert "- Budget: 70% of the encoder FLOPs per token at 16 tokens" in card.text
+    # Per-layer widths differ from a stock config, so the checkpoint carries its code and loads with it.
+    loaded = AutoModelForSequenceClassification.from_pretrained(out, trust_remote_code=True)
+    batch = AutoTokenizer.from_pretrained(out)("a good movie", return_tensors="pt")
+    assert loaded(**batch).logits.shape == (1, 2)
+    stock = set(structure["heads_per_layer"]) == {4} and len(set(structure["ffn_neurons_per_layer"])) == 1
+    assert bool(json.loads((out / "config.json").read_text()).get("auto_map")) is not stock
+    assert ("trust_remote_code=True" in card.text) is not stock

@@ -1,0 +1,95 @@
+"""Offline metrics (metrics.py) and latency measurement (latency.py)."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_batch, tiny_model
+from transformers import EvalPrediction
+
+from hf_compress import measure_latency
+from hf_compress.metrics import accuracy, build_compute_metrics, compute_classification_metrics, f1, load_metric
+
+PREDICTIONS = [0, 1, 2, 2, 1, 0, 2, 1]
+REFERENCES = [0, 2, 2, 2, 1, 1, 0, 1]
+
+
+def test_accuracy_and_binary_f1_by_hand():
+    assert accuracy([1, 0, 1, 1], [1, 0, 0, 1]) == {"accuracy": 0.75}
+    # tp=2, fp=1, fn=0 -> 2*2 / (2*2 + 1 + 0)
+    assert f1([1, 0, 1, 1], [1, 0, 0, 1]) == {"f1": pytest.approx(0.8)}
+    assert f1([0, 0], [0, 0]) == {"f1": 0.0}
+
+
+def test_multiclass_f1_averages_by_hand():
+    # Per class (tp, predicted, actual): 0 -> (1, 2, 2), 1 -> (2, 3, 3), 2 -> (2, 3, 3).
+    per_class = np.array([2 * 1 / 4, 2 * 2 / 6, 2 * 2 / 6])
+    assert f1(PREDICTIONS, REFERENCES, average="macro")["f1"] == pytest.approx(per_class.mean())
+    assert f1(PREDICTIONS, REFERENCES, average="weighted")["f1"] == pytest.approx((per_class * [2, 3, 3]).sum() / 8)
+    assert f1(PREDICTIONS, REFERENCES, average="micro")["f1"] == pytest.approx(5 / 8)
+    with pytest.raises(ValueError, match="Unknown F1 average 'samples'"):
+        f1(PREDICTIONS, REFERENCES, average="samples")
+    with pytest.raises(ValueError, match="equal length, got 2 and 3"):
+        accuracy([1, 0], [1, 0, 1])
+
+
+def test_compute_metrics_for_trainer_picks_macro_f1_for_many_classes():
+    logits = np.eye(3)[PREDICTIONS] + 0.1
+    compute_metrics = build_compute_metrics(("accuracy", "f1"), num_labels=3)
+    result = compute_metrics(EvalPrediction(predictions=logits, label_ids=np.array(REFERENCES)))
+    assert result == {"accuracy": 5 / 8, "f1": pytest.approx(f1(PREDICTIONS, REFERENCES, average="macro")["f1"])}
+    assert compute_classification_metrics([1, 0, 1, 1], [1, 0, 0, 1]) == {"accuracy": 0.75, "f1": pytest.approx(0.8)}
+
+
+def test_unknown_metric_fails_without_downloading():
+    with pytest.raises(ValueError, match="'bleu' is neither packaged .*accuracy, f1.* nor available locally"):
+        build_compute_metrics(("accuracy", "bleu"))
+
+
+def test_local_evaluate_metric_script_is_used(tmp_path):
+    folder = tmp_path / "exact_match_rate"
+    folder.mkdir()
+    (folder / "exact_match_rate.py").write_text(
+        "import datasets\nimport evaluate\n\n"
+        "class ExactMatchRate(evaluate.Metric):\n"
+        "    def _info(self):\n"
+        "        return evaluate.MetricInfo(description='', citation='', inputs_description='',\n"
+        "            features=datasets.Features({'predictions': datasets.Value('int64'),\n"
+        "                                        'references': datasets.Value('int64')}))\n\n"
+        "    def _compute(self, predictions, references):\n"
+        "        return {'exact_match_rate': sum(p == r for p, r in zip(predictions, references)) / len(predictions)}\n"
+    )
+    metric = load_metric(str(folder))
+    assert metric(predictions=[1, 0, 1, 1], references=[1, 0, 0, 1]) == {"exact_match_rate": 0.75}
+
+
+def test_measure_latency_reports_median_and_restores_state():
+    model = tiny_model("bert").train()
+    previous_threads = torch.get_num_threads()
+    batch = random_batch(batch_size=2, seq_len=8)
+    batch.pop("labels")
+    result = measure_latency(model, batch, warmup=1, repeats=3, threads=1)
+    assert result["min_ms"] <= result["median_ms"] <= result["max_ms"] and result["median_ms"] > 0
+    assert (result["repeats"], result["warmup"], result["torch_threads"]) == (3, 1, 1)
+    assert (result["device"], result["device_name"]) == ("cpu", "cpu")
+    assert (result["batch_size"], result["sequence_length"]) == (2, 8)
+    assert model.training and torch.get_num_threads() == previous_threads
+    with pytest.raises(ValueError, match="repeats >= 1"):
+        measure_latency(model, batch, repeats=0)
+    with pytest.raises(ValueError, match="threads=0"):
+        measure_latency(model, batch, threads=0)
+
+
+def test_measure_latency_counts_every_call():
+    calls = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            calls.append(torch.is_inference_mode_enabled())
+            return x
+
+    measure_latency(Recorder(), {"x": torch.zeros(1)}, warmup=2, repeats=5)
+    assert calls == [True] * 7
