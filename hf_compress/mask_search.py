@@ -1,0 +1,269 @@
+"""Choose which heads and FFN neurons to keep under a FLOPs / parameter budget or explicit ratios.
+
+The cost model counts, per token, what removing a unit saves (a multiply-add is 2 FLOPs), with hidden size `D`,
+head dimension `d` and sequence length `S`:
+
+- one attention head: q, k, v and output projections `8 * D * d` FLOPs plus the attention scores and their weighted
+  sum `4 * S * d` FLOPs; `4 * D * d + 3 * d` parameters (weights and q/k/v biases);
+- one FFN neuron: up and down projections `4 * D` FLOPs; `2 * D + 1` parameters.
+
+For a budget the search follows Kwon et al. 2022: heads and neurons are ranked by importance, and for every number of
+kept heads `h` the remaining budget is filled with the most important neurons; the `h` whose kept units have the
+largest total importance wins, and any unit that still fits is added greedily. With `round_to > 1`, neurons are
+taken in blocks of `round_to` (a layer's least important neurons form a smaller last block), so kept widths are
+multiples of `round_to` or unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from .architectures import get_spec
+from .pruning_config import PruningConfig
+
+# Scores whose heads and neurons are not on one scale (see `balance_kinds`); Fisher scores estimate the loss increase
+# of removing a unit and are compared as they are.
+BALANCED_METHODS = ("magnitude", "taylor")
+
+
+@dataclass(frozen=True)
+class UnitCosts:
+    """What one attention head and one FFN neuron cost (FLOPs per token or parameters)."""
+
+    head: float
+    neuron: float
+
+
+def unit_costs(model: PreTrainedModel, target: str = "flops", seq_len: int = 128) -> UnitCosts:
+    """Cost of one head and one neuron of `model`: FLOPs per token at `seq_len` (`target="flops"`) or parameters."""
+    spec = get_spec(model)
+    hidden, head_dim = spec.hidden_size(model.config), spec.head_dim(model.config)
+    if target == "params":
+        return UnitCosts(head=4 * hidden * head_dim + 3 * head_dim, neuron=2 * hidden + 1)
+    return UnitCosts(head=8 * hidden * head_dim + 4 * seq_len * head_dim, neuron=4 * hidden)
+
+
+def structure_cost(heads: list[int], ffn: list[int], costs: UnitCosts) -> float:
+    """Total prunable cost of layers with `heads[i]` heads and `ffn[i]` neurons."""
+    return sum(h * costs.head + f * costs.neuron for h, f in zip(heads, ffn, strict=True))
+
+
+def balance_kinds(
+    head_scores: list[torch.Tensor], ffn_scores: list[torch.Tensor], costs: UnitCosts
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Put head and neuron scores that share no scale (weight norms) on one.
+
+    Each kind is scaled so that its mean importance per unit of cost is 1: neither kind is cheaper to remove as a
+    whole, and the search trades heads against neurons by how they rank within their kind.
+    """
+    heads, ffn = torch.cat(head_scores).double(), torch.cat(ffn_scores).double()
+    head_scale = costs.head / heads.mean().clamp(min=1e-30) if heads.numel() else 1.0
+    ffn_scale = costs.neuron / ffn.mean().clamp(min=1e-30) if ffn.numel() else 1.0
+    return [s.double() * head_scale for s in head_scores], [s.double() * ffn_scale for s in ffn_scores]
+
+
+@dataclass
+class Selection:
+    """Kept units: ascending head / neuron indices per layer (empty lists for removed layers), and removed layers."""
+
+    heads: list[list[int]]
+    ffn: list[list[int]]
+    layers: list[int]
+
+
+@dataclass
+class _Item:
+    layer: int
+    kind: str  # "heads" or "ffn"
+    indices: list[int]
+    score: float
+    cost: float
+
+    @property
+    def density(self) -> float:
+        return self.score / self.cost
+
+
+def _ffn_blocks(layer: int, scores: torch.Tensor, round_to: int, neuron_cost: float) -> list[_Item]:
+    """A layer's neurons in blocks of `round_to`, most important first; the last block holds the remainder."""
+    order = scores.double().argsort(descending=True, stable=True).tolist()
+    blocks, density_cap = [], float("inf")
+    for start in range(0, len(order), round_to):
+        indices = order[start : start + round_to]
+        score = float(scores.double()[indices].sum())
+        # Every neuron of a block scores at least as high as any of the next, so densities cannot increase; clamp the
+        # float rounding that could break this, as the greedy steps below rely on it to take blocks in order.
+        score = min(score, density_cap * len(indices))
+        density_cap = score / len(indices)
+        blocks.append(_Item(layer, "ffn", indices, score, len(indices) * neuron_cost))
+    return blocks
+
+
+def _knapsack(heads: list[_Item], blocks: list[list[_Item]], budget: float) -> list[_Item]:
+    """Kwon et al.'s search: best number of kept heads, the rest of the budget filled with neuron blocks."""
+    heads = sorted(heads, key=lambda item: -item.score)
+    flat = sorted(
+        (block for layer_blocks in blocks for block in layer_blocks),
+        key=lambda item: -item.density,
+    )
+    head_cost = heads[0].cost if heads else 0.0
+    head_prefix = torch.tensor([0.0] + [item.score for item in heads], dtype=torch.float64).cumsum(0)
+    block_cost = torch.tensor([item.cost for item in flat], dtype=torch.float64).cumsum(0)
+    block_prefix = torch.tensor([0.0] + [item.score for item in flat], dtype=torch.float64).cumsum(0)
+    num_heads = torch.arange(len(heads) + 1, dtype=torch.float64)
+    remaining = budget - num_heads * head_cost
+    feasible = remaining >= 0
+    num_blocks = torch.searchsorted(block_cost, remaining.clamp(min=0), right=True)
+    value = torch.where(feasible, head_prefix + block_prefix[num_blocks], torch.tensor(-1.0, dtype=torch.float64))
+    # Among equally important choices prefer the one that uses more of the budget.
+    used = num_heads * head_cost + torch.cat([torch.zeros(1, dtype=torch.float64), block_cost])[num_blocks]
+    best = _argmax_tiebreak(value, used)  # keeping no head is always feasible, as budgets are >= 0
+    kept = heads[:best] + flat[: int(num_blocks[best])]
+    return _top_up(kept, heads[best:], flat[int(num_blocks[best]) :], budget - float(used[best]))
+
+
+def _argmax_tiebreak(value: torch.Tensor, used: torch.Tensor) -> int:
+    top = value.max()
+    candidates = torch.nonzero(value >= top - 1e-12 * top.abs()).flatten()
+    return int(candidates[used[candidates].argmax()])
+
+
+def _top_up(kept: list[_Item], heads: list[_Item], blocks: list[_Item], slack: float) -> list[_Item]:
+    """Add the densest remaining units that still fit; neuron blocks of a layer only in their order."""
+    next_block: dict[int, list[_Item]] = {}
+    for block in blocks:
+        next_block.setdefault(block.layer, []).append(block)
+    while True:
+        candidates = [heads[0]] if heads else []
+        candidates += [queue[0] for queue in next_block.values() if queue]
+        candidates = [item for item in candidates if item.cost <= slack]
+        if not candidates:
+            return kept
+        item = max(candidates, key=lambda c: c.density)
+        kept.append(item)
+        slack -= item.cost
+        if item.kind == "heads":
+            heads.pop(0)
+        else:
+            next_block[item.layer].pop(0)
+
+
+def _from_items(items: list[_Item], num_layers: int, dropped: list[int]) -> Selection:
+    heads: list[list[int]] = [[] for _ in range(num_layers)]
+    ffn: list[list[int]] = [[] for _ in range(num_layers)]
+    for item in items:
+        (heads if item.kind == "heads" else ffn)[item.layer].extend(item.indices)
+    return Selection([sorted(h) for h in heads], [sorted(f) for f in ffn], sorted(dropped))
+
+
+def _top_k(scores: torch.Tensor, k: int) -> list[int]:
+    return sorted(scores.double().argsort(descending=True, stable=True)[:k].tolist())
+
+
+def select_units(
+    head_scores: list[torch.Tensor],
+    ffn_scores: list[torch.Tensor],
+    config: PruningConfig,
+    costs: UnitCosts,
+    dropped: list[int] | None = None,
+    keep: float | None = None,
+) -> Selection:
+    """Choose the heads and neurons to keep so the model meets `config`'s budget (or ratios).
+
+    Args:
+        head_scores: Importance per layer, shape `(num_heads_in_layer,)`; higher is more important.
+        ffn_scores: Importance per layer, shape `(ffn_neurons_in_layer,)`.
+        config: The budget (`target`, `keep`, ratios, `scope`, `uniform`, `round_to`).
+        costs: Cost of one head and one neuron (`unit_costs`).
+        dropped: Layers removed entirely; their cost counts as saved.
+        keep: Overrides `config.keep` (the gradual pruning callback walks it down a schedule).
+
+    Returns:
+        The `Selection` of kept units.
+
+    Raises:
+        ValueError: when `uniform=True` and keeping every head already exceeds the budget.
+    """
+    dropped = sorted(dropped or [])
+    keep = config.keep if keep is None else keep
+    num_layers = len(head_scores)
+    live = [i for i in range(num_layers) if i not in dropped]
+    heads = [
+        [_Item(i, "heads", [h], float(s), costs.head) for h, s in enumerate(head_scores[i].tolist())] for i in live
+    ]
+    blocks = [_ffn_blocks(i, ffn_scores[i], config.round_to, costs.neuron) for i in live]
+    total = structure_cost([len(s) for s in head_scores], [len(s) for s in ffn_scores], costs)
+
+    if config.uniform:
+        return _select_uniform(head_scores, ffn_scores, config, costs, live, dropped, keep * total)
+    if config.target == "ratios":
+        return _select_ratios(heads, blocks, config, num_layers, dropped)
+
+    if config.scope == "layer":
+        items: list[_Item] = []
+        for layer_heads, layer_blocks in zip(heads, blocks, strict=True):
+            layer_cost = sum(item.cost for item in layer_heads) + sum(item.cost for item in layer_blocks)
+            items += _knapsack(layer_heads, [layer_blocks], keep * layer_cost)
+        return _from_items(items, num_layers, dropped)
+    return _from_items(_knapsack([h for layer in heads for h in layer], blocks, keep * total), num_layers, dropped)
+
+
+def _select_ratios(
+    heads: list[list[_Item]], blocks: list[list[_Item]], config: PruningConfig, num_layers: int, dropped: list[int]
+) -> Selection:
+    head_ratio, ffn_ratio = config.head_ratio or 0.0, config.ffn_ratio or 0.0
+    if config.scope == "layer":
+        groups = [(layer_heads, [layer_blocks]) for layer_heads, layer_blocks in zip(heads, blocks, strict=True)]
+    else:
+        groups = [([item for layer_heads in heads for item in layer_heads], blocks)]
+    kept: list[_Item] = []
+    for group_heads, group_blocks in groups:
+        ranked = sorted(group_heads, key=lambda item: -item.score)
+        kept += ranked[: len(ranked) - round(head_ratio * len(ranked))]
+        num_neurons = sum(len(block.indices) for layer_blocks in group_blocks for block in layer_blocks)
+        kept += _remove_blocks(group_blocks, round(ffn_ratio * num_neurons))
+    return _from_items(kept, num_layers, dropped)
+
+
+def _remove_blocks(blocks: list[list[_Item]], count: int) -> list[_Item]:
+    """Remove up to `count` neurons, always the least dense block at the unimportant end of some layer."""
+    queues = [list(layer_blocks) for layer_blocks in blocks]
+    while True:
+        tails = [queue for queue in queues if queue and len(queue[-1].indices) <= count]
+        if not tails:
+            return [block for queue in queues for block in queue]
+        queue = min(tails, key=lambda q: q[-1].density)
+        count -= len(queue.pop().indices)
+
+
+def _select_uniform(
+    head_scores: list[torch.Tensor],
+    ffn_scores: list[torch.Tensor],
+    config: PruningConfig,
+    costs: UnitCosts,
+    live: list[int],
+    dropped: list[int],
+    budget: float,
+) -> Selection:
+    """Every head kept; the same FFN width (a multiple of `round_to`) in every remaining layer."""
+    num_layers = len(head_scores)
+    min_width = min((len(ffn_scores[i]) for i in live), default=0)
+    if config.target == "ratios":
+        width = round((1 - (config.ffn_ratio or 0.0)) * min_width)
+    else:
+        head_cost = sum(len(head_scores[i]) for i in live) * costs.head
+        if live and head_cost > budget:
+            raise ValueError(
+                f"uniform=True keeps every attention head, which alone costs {head_cost:.4g} but the budget is "
+                f"{budget:.4g} (keep={config.keep}). Lower the cost with `layers`, raise keep, or set uniform=False."
+            )
+        width = int((budget - head_cost) // (costs.neuron * max(len(live), 1)))
+    width = min(width, min_width)
+    if width < min_width:
+        width -= width % config.round_to
+    heads = [list(range(len(head_scores[i]))) if i in live else [] for i in range(num_layers)]
+    ffn = [_top_k(ffn_scores[i], width) if i in live else [] for i in range(num_layers)]
+    return Selection(heads, ffn, dropped)

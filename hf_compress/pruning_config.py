@@ -1,0 +1,147 @@
+"""`PruningConfig`: how small the pruned model must be and how hf-compress decides what to remove."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .importance import IMPORTANCE_METHODS, LAYER_IMPORTANCE_METHODS
+
+TARGETS = ("flops", "params", "ratios")
+SCOPES = ("global", "layer")
+
+
+@dataclass
+class PruningConfig:
+    """What `prune` (and `GradualPruningCallback`) should remove.
+
+    The budget counts the *prunable* cost of the encoder layers: attention heads (their q/k/v/output projection
+    weights and, for FLOPs, their attention-score computation at `seq_len` tokens) and FFN neurons (up and down
+    projection weights). Embeddings, layer norms and the task head are not pruned and not counted. Budgets are met from
+    below, within one unit: the kept cost is at most the target and less than one head or neuron (one `round_to` block
+    of neurons; with `scope="layer"` per layer; with `uniform=True` one block in every layer) below it.
+
+    Args:
+        target: `"flops"` (keep `keep` of the encoder's FLOPs per token at `seq_len`), `"params"` (keep `keep` of its
+            head and FFN parameters) or `"ratios"` (remove `head_ratio` of the heads and `ffn_ratio` of the neurons).
+        keep: Fraction of the current FLOPs / parameters to keep, in (0, 1]; used by `"flops"` and `"params"`.
+        importance: How heads and neurons are scored: `"fisher"` (default, Kwon et al. 2022), `"taylor"` (Michel et
+            al. 2019) or `"magnitude"` (weight norms, no data needed).
+        seq_len: Sequence length at which FLOPs are counted (attention costs grow with it).
+        head_ratio: With `target="ratios"`: fraction of attention heads to remove, in [0, 1].
+        ffn_ratio: With `target="ratios"`: fraction of FFN neurons to remove, in [0, 1).
+        layers: Transformer layers to remove before anything else: a list of layer indices, or a number of layers, in
+            which case the least important ones by `layer_importance` go. Their cost counts towards the budget.
+        layer_importance: How layers are scored when `layers` is a number: `"cosine"` or `"loss"`.
+        scope: `"global"` ranks heads and neurons across all layers (layers end up with different widths, as in Kwon
+            et al.); `"layer"` removes the same share of cost (or the same ratios) in every layer.
+        uniform: Keep every head and the same FFN width in every layer, so the result is a plain stock checkpoint that
+            needs no custom modeling code. The budget is then met by FFN neurons (and `layers`) alone.
+        rescale: After choosing what to remove, rescale the kept heads / neurons of every layer by a least-squares fit
+            so the layer's output on the calibration data matches the unpruned model's (Kwon et al.'s mask tuning). A
+            usable model without retraining; needs calibration data.
+        rescale_damping: Ridge damping of that fit, relative to the mean diagonal of its Gram matrix; it pulls the
+            scales towards 1 (no change) when the calibration data cannot pin them down.
+        num_batches: Use at most this many calibration batches (all when `None`).
+        round_to: Keep FFN widths at multiples of this (8 or 64 suit fast kernels); 1 disables rounding. A layer that
+            loses nothing keeps its width.
+
+    Example:
+    ```python
+    config = PruningConfig(target="flops", keep=0.6, importance="fisher")
+    ```
+    """
+
+    target: str = field(default="flops", metadata={"help": f"What the budget counts: one of {TARGETS}."})
+    keep: float = field(
+        default=0.6, metadata={"help": "Fraction of encoder FLOPs / parameters to keep, in (0, 1] (flops, params)."}
+    )
+    importance: str = field(default="fisher", metadata={"help": f"Importance score: one of {IMPORTANCE_METHODS}."})
+    seq_len: int = field(default=128, metadata={"help": "Sequence length at which FLOPs per token are counted."})
+    head_ratio: float | None = field(
+        default=None, metadata={"help": "With target=ratios: fraction of attention heads to remove, in [0, 1]."}
+    )
+    ffn_ratio: float | None = field(
+        default=None, metadata={"help": "With target=ratios: fraction of FFN neurons to remove, in [0, 1)."}
+    )
+    layers: int | list[int] | None = field(
+        default=None,
+        metadata={"help": "Layers to remove first: a list of indices, or how many of the least important to drop."},
+    )
+    layer_importance: str = field(
+        default="cosine",
+        metadata={"help": f"Layer score used when `layers` is a number: one of {LAYER_IMPORTANCE_METHODS}."},
+    )
+    scope: str = field(
+        default="global", metadata={"help": f"Rank units across all layers or within each layer: one of {SCOPES}."}
+    )
+    uniform: bool = field(
+        default=False, metadata={"help": "Keep all heads and one FFN width everywhere (a stock checkpoint)."}
+    )
+    rescale: bool = field(
+        default=True, metadata={"help": "Least-squares rescale of kept units on the calibration data (no training)."}
+    )
+    rescale_damping: float = field(default=1e-2, metadata={"help": "Relative ridge damping of the rescale fit, >= 0."})
+    num_batches: int | None = field(default=None, metadata={"help": "Calibration batches to use (all when unset)."})
+    round_to: int = field(default=1, metadata={"help": "Keep FFN widths at multiples of this (1: no rounding)."})
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ValueError(f"target={self.target!r} is not supported; choose one of {', '.join(TARGETS)}.")
+        if self.importance not in IMPORTANCE_METHODS:
+            raise ValueError(
+                f"importance={self.importance!r} is not supported; choose one of {', '.join(IMPORTANCE_METHODS)}."
+            )
+        if self.layer_importance not in LAYER_IMPORTANCE_METHODS:
+            raise ValueError(
+                f"layer_importance={self.layer_importance!r} is not supported; choose one of "
+                f"{', '.join(LAYER_IMPORTANCE_METHODS)}."
+            )
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope={self.scope!r} is not supported; choose one of {', '.join(SCOPES)}.")
+        if not 0 < self.keep <= 1:
+            raise ValueError(f"keep={self.keep} must be in (0, 1]: the fraction of FLOPs or parameters to keep.")
+        if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 1:
+            raise ValueError(f"seq_len={self.seq_len!r} must be a positive integer (tokens per sequence).")
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
+            raise ValueError(f"round_to={self.round_to!r} must be a positive integer (1 disables rounding).")
+        if self.num_batches is not None and (not isinstance(self.num_batches, int) or self.num_batches < 1):
+            raise ValueError(f"num_batches={self.num_batches!r} must be a positive integer or None (all batches).")
+        if self.rescale_damping < 0:
+            raise ValueError(f"rescale_damping={self.rescale_damping} must be >= 0 (0 disables damping).")
+        for name, upper, closed in (("head_ratio", 1, True), ("ffn_ratio", 1, False)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if self.target != "ratios":
+                raise ValueError(
+                    f"{name}={value} only applies with target='ratios' (target is {self.target!r}); set "
+                    f"target='ratios' or leave {name} unset and use keep."
+                )
+            if not (0 <= value <= upper if closed else 0 <= value < upper):
+                bracket = "]" if closed else ")"
+                raise ValueError(f"{name}={value} must be in [0, {upper}{bracket}: the fraction of units to remove.")
+        if isinstance(self.layers, bool):
+            raise ValueError(f"layers={self.layers!r} must be a number of layers or a list of layer indices.")
+        if isinstance(self.layers, int) and self.layers < 0:
+            raise ValueError(f"layers={self.layers} must be >= 0 (the number of least important layers to remove).")
+        if isinstance(self.layers, (list, tuple)):
+            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers):
+                raise ValueError(f"layers={self.layers!r} must hold non-negative layer indices.")
+            if len(set(self.layers)) != len(self.layers):
+                raise ValueError(f"layers={self.layers!r} lists a layer more than once.")
+            self.layers = sorted(self.layers)
+        if self.target == "ratios" and not (self.head_ratio or self.ffn_ratio or self.layers):
+            raise ValueError(
+                "target='ratios' needs at least one of head_ratio, ffn_ratio or layers, e.g. "
+                "PruningConfig(target='ratios', head_ratio=0.25, ffn_ratio=0.5)."
+            )
+        if self.uniform and self.head_ratio:
+            raise ValueError(
+                f"uniform=True keeps every attention head (a stock checkpoint needs the same heads everywhere), but "
+                f"head_ratio={self.head_ratio}; set head_ratio=None or uniform=False."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a JSON-serialisable dict."""
+        return asdict(self)
