@@ -119,6 +119,21 @@ class DistillationTrainingArguments(TrainingArguments):
             "Defaults to spreading the student's layers evenly over the teacher's."
         },
     )
+    l1_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of an L1 penalty (sum of |w| of the selected linear weights, see `l1_penalty`) added to "
+            "the training loss and logged as `l1_loss`; it pushes weights towards zero before magnitude pruning. "
+            "0 turns it off; useful values are small (1e-7 to 1e-5), since the sum runs over millions of weights."
+        },
+    )
+    l1_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Module-name patterns the L1 penalty covers, as in `magnitude_prune(include=...)`. Default: "
+            "every linear layer inside the transformer layers (no embeddings, LayerNorms or task head)."
+        },
+    )
     teacher_model_init_kwargs: dict | str | None = field(
         default=None,
         metadata={
@@ -139,7 +154,7 @@ class DistillationTrainingArguments(TrainingArguments):
                 f"alpha={self.alpha!r} is invalid: it is the weight of the soft loss and must lie in [0, 1] "
                 "(0 = hard labels only, 1 = teacher only)."
             )
-        for name in ("hidden_loss_weight", "attention_loss_weight"):
+        for name in ("hidden_loss_weight", "attention_loss_weight", "l1_weight"):
             weight = getattr(self, name)
             if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
                 raise ValueError(f"{name}={weight!r} is invalid: it must be a finite number >= 0 (0 turns it off).")

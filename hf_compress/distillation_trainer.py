@@ -40,6 +40,7 @@ from .losses import (
     soft_kl_loss,
     token_kl_loss,
 )
+from .unstructured import l1_penalty
 
 logger = logging.get_logger(__name__)
 
@@ -249,7 +250,8 @@ class DistillationTrainer(Trainer):
     The teacher is frozen, in eval mode, run without gradients, placed on the training device (and in bf16/fp16 when
     those are on), never wrapped for distributed training and never saved: checkpoints and `save_model` hold the
     student only. The soft, hard, hidden and attention parts are logged as `soft_loss`, `hard_loss`, `hidden_loss` and
-    `attention_loss` next to `loss`, averaged over the logging interval and over processes like it.
+    `attention_loss` next to `loss`, averaged over the logging interval and over processes like it; with `l1_weight > 0`
+    the training loss also holds `l1_weight * l1_penalty(student)`, logged as `l1_loss`.
 
     Args:
         model ([`~transformers.PreTrainedModel`], *optional*):
@@ -351,6 +353,9 @@ class DistillationTrainer(Trainer):
             self.layer_mapping = _resolve_layer_mapping(self.model, self.teacher_model, args)
             self.hidden_projections = self._build_projections()
         self._attention_pairs = [(s, t) for s, t in self.layer_mapping.items() if s > 0 and t > 0]
+
+        if args.l1_weight > 0:
+            l1_penalty(self.model, include=args.l1_modules)  # unknown module patterns fail here, not mid-training
 
         self._loss_part_sums: dict[str, torch.Tensor] = {}
         self._loss_parts_logged_step = 0
@@ -513,6 +518,12 @@ class DistillationTrainer(Trainer):
             "attention_loss": self.args.attention_loss_weight,
         }
         loss = sum(weights[name] * value for name, value in parts.items() if weights[name] > 0)
+        if self.args.l1_weight > 0 and model.training:
+            # A regulariser of the weights, not of the batch: counted once per optimizer step (hence the division by
+            # the accumulation steps) and the same on every process, so it needs no DDP correction.
+            l1 = l1_penalty(self.accelerator.unwrap_model(model), include=self.args.l1_modules)
+            parts["l1_loss"] = l1 / getattr(self, "current_gradient_accumulation_steps", 1)
+            loss = loss + self.args.l1_weight * parts["l1_loss"]
         if model.training:
             for name, value in parts.items():
                 previous = self._loss_part_sums.get(name)

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import os
 
+# Before transformers/huggingface_hub are imported: they read these once, at import time.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 import pytest
 import torch
 from transformers import (
@@ -14,8 +19,6 @@ from transformers import (
     BertTokenizerFast,
 )
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)
 
 ARCHITECTURES = ["bert", "roberta", "xlm-roberta", "electra", "distilbert"]

@@ -22,7 +22,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from hf_compress import DistillationTrainer, DistillationTrainingArguments
+from hf_compress import DistillationTrainer, DistillationTrainingArguments, l1_penalty
 from hf_compress.distillation_trainer import PROJECTIONS_NAME
 
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
@@ -103,6 +103,7 @@ def model_inputs(batch: dict) -> dict:
         ({"alpha": 1.5}, r"alpha=1\.5.*\[0, 1\]"),
         ({"hidden_loss_weight": -1.0}, r"hidden_loss_weight=-1\.0.*>= 0"),
         ({"attention_loss_weight": float("nan")}, r"attention_loss_weight=nan.*>= 0"),
+        ({"l1_weight": -1e-5}, r"l1_weight=-1e-05.*>= 0"),
         ({"hidden_loss_type": "l2"}, r"hidden_loss_type='l2'.*'mse', 'cosine'"),
         ({"layer_mapping": "{1: 2"}, r"not valid JSON.*student layer -> teacher layer"),
         ({"layer_mapping": {}}, r"non-empty dict"),
@@ -362,6 +363,33 @@ def test_logs_carry_each_part_averaged_over_the_interval_like_loss(tmp_path):
 
     metrics = every_two.evaluate(data)
     assert torch.isfinite(torch.tensor(metrics["eval_loss"]))
+
+
+def test_l1_term_equals_its_formula_and_is_logged(tmp_path):
+    student, teacher = student_and_teacher()
+    batch = make_batch()
+    plain = DistillationTrainer(model=student, teacher_model=teacher, args=make_args(tmp_path / "plain"))
+    args = make_args(tmp_path / "l1", l1_weight=1e-3, l1_modules=["query"])
+    with_l1 = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=to_dataset(batch))
+    student.train()
+    expected = plain.compute_loss(student, batch) + 1e-3 * l1_penalty(student, include=["query"])
+    penalty = sum(layer.attention.self.query.weight.abs().sum() for layer in student.bert.encoder.layer)
+    torch.testing.assert_close(l1_penalty(student, include=["query"]), penalty)
+    torch.testing.assert_close(with_l1.compute_loss(student, batch), expected)
+
+    with_l1.train()
+    logs = [e for e in with_l1.state.log_history if "loss" in e]
+    assert logs and all(e["l1_loss"] > 0 for e in logs)
+    for entry in logs:
+        combined = 0.5 * entry["soft_loss"] + 0.5 * entry["hard_loss"] + 1e-3 * entry["l1_loss"]
+        assert entry["loss"] == pytest.approx(combined, rel=1e-5)
+
+
+def test_l1_modules_matching_nothing_fail_at_construction(tmp_path):
+    student, teacher = student_and_teacher()
+    args = make_args(tmp_path, l1_weight=1e-3, l1_modules=["no_such_module"])
+    with pytest.raises(ValueError, match="no_such_module"):
+        DistillationTrainer(model=student, teacher_model=teacher, args=args)
 
 
 def test_alpha_one_distils_without_labels(tmp_path):
