@@ -20,22 +20,16 @@ How the callback keeps training, checkpoints and the optimizer correct:
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .schedules import CubicSparsitySchedule
+from .schedules import CubicSparsitySchedule, resolve_step
 from .unstructured import SCOPES, _normalize_patterns, _select_linear_modules, magnitude_prune, make_permanent
 
 logger = logging.getLogger(__name__)
-
-
-def _resolve_step(value: float, max_steps: int) -> int:
-    # The convention of `TrainingArguments.warmup_steps`: values >= 1 are steps, values below 1 a fraction of training.
-    return int(value) if value >= 1 else math.ceil(max_steps * value)
 
 
 class GradualMagnitudePruningCallback(TrainerCallback):
@@ -128,7 +122,7 @@ class GradualMagnitudePruningCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         model = kwargs["model"]
-        begin, end = _resolve_step(self.begin_step, state.max_steps), _resolve_step(self.end_step, state.max_steps)
+        begin, end = resolve_step(self.begin_step, state.max_steps), resolve_step(self.end_step, state.max_steps)
         self.schedule = CubicSparsitySchedule.from_step_range(
             self.final_sparsity, begin, end, self.frequency, self.initial_sparsity
         )

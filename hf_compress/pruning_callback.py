@@ -26,7 +26,6 @@ not supported (the budget's reference and the running importance are not in the 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import replace
 
 import torch
@@ -37,15 +36,10 @@ from .architectures import get_layers, get_spec
 from .importance import UnitMasks, compute_importance
 from .mask_search import BALANCED_METHODS, Selection, balance_kinds, select_units, structure_cost, unit_costs
 from .pruning_config import PruningConfig
-from .schedules import CubicSparsitySchedule
+from .schedules import CubicSparsitySchedule, resolve_step
 from .structured import get_structure, prune_ffn_neurons, prune_heads
 
 logger = logging.getLogger(__name__)
-
-
-def _resolve_step(value: float, max_steps: int) -> int:
-    # As `TrainingArguments.warmup_steps`: values >= 1 are steps, values below 1 a fraction of training.
-    return int(value) if value >= 1 else math.ceil(max_steps * value)
 
 
 class GradualStructuredPruningCallback(TrainerCallback):
@@ -115,7 +109,7 @@ class GradualStructuredPruningCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         model = kwargs["model"]
         get_spec(model)
-        begin, end = _resolve_step(self.begin_step, state.max_steps), _resolve_step(self.end_step, state.max_steps)
+        begin, end = resolve_step(self.begin_step, state.max_steps), resolve_step(self.end_step, state.max_steps)
         self.schedule = CubicSparsitySchedule.from_step_range(
             1.0, begin, end, min(self.frequency, max(end - begin, 1))
         )

@@ -6,6 +6,7 @@ target at a step and prunes up to it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -137,3 +138,9 @@ class CubicSparsitySchedule:
         return cubic_sparsity(
             step, self.final_sparsity, self.initial_sparsity, self.begin_step, self.num_pruning_steps, self.frequency
         )
+
+
+def resolve_step(value: float, max_steps: int) -> int:
+    """A step given as `TrainingArguments.warmup_steps` gives it: a value >= 1 is a step, one below 1 a fraction of
+    `max_steps` (rounded up)."""
+    return int(value) if value >= 1 else math.ceil(max_steps * value)
