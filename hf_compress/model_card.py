@@ -35,7 +35,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import PreTrainedModel
 
-from .architectures import get_layers, get_spec
+from .structured import get_structure
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
 COMPARISON_FILE = "comparison.json"
@@ -88,25 +88,15 @@ def describe_model(model: PreTrainedModel, measure_size: bool = True) -> dict[st
             model.save_pretrained(folder)
             description["size_bytes"] = sum(file.stat().st_size for file in Path(folder).rglob("*") if file.is_file())
     try:
-        spec = get_spec(model)
-    except ValueError:
+        structure = get_structure(model)
+    except ValueError:  # an unregistered architecture: no per-layer structure to describe
         return description
-    head_dim = spec.head_dim(model.config)
-    layers = get_layers(model)
     description["structure"] = {
-        "layers": len(layers),
-        "heads_per_layer": [_out_features(layer, spec.query) // head_dim for layer in layers],
-        "ffn_neurons_per_layer": [_out_features(layer, spec.ffn_in) for layer in layers],
+        "layers": structure.num_layers,
+        "heads_per_layer": list(structure.heads),
+        "ffn_neurons_per_layer": list(structure.ffn),
     }
     return description
-
-
-def _out_features(layer: torch.nn.Module, path: str) -> int:
-    # A layer that lost all its heads (structured pruning) has no query projection left.
-    try:
-        return layer.get_submodule(path).out_features
-    except AttributeError:
-        return 0
 
 
 def build_comparison(
