@@ -1,7 +1,7 @@
 """hf-compress: distillation and structured pruning for Hugging Face transformers."""
 
 from .architectures import ArchitectureSpec, get_spec, register_architecture, supported_model_types
-from .callbacks import GradualMagnitudePruningCallback
+from .magnitude_callback import GradualMagnitudePruningCallback
 from .checkpoint import load_compressed
 from .data import HubUnreachableError, load_text_classification_dataset, require_hub_or_local
 from .distillation_config import DistillationTrainingArguments
@@ -73,8 +73,8 @@ __all__ = [
     "quantize_dynamic_int8",
     "register_architecture",
     "require_hub_or_local",
-    "save_plan",
     "round_ffn_plan",
+    "save_plan",
     "select_layers",
     "sparsity_report",
     "supported_model_types",

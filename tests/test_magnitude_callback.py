@@ -7,7 +7,7 @@ from transformers import AutoModelForSequenceClassification, Trainer, TrainerCal
 
 from hf_compress import get_spec
 from hf_compress.architectures import get_layers
-from hf_compress.callbacks import GradualMagnitudePruningCallback
+from hf_compress.magnitude_callback import GradualMagnitudePruningCallback
 from hf_compress.schedules import cubic_sparsity
 
 # Prune at steps 2, 4, 6 of 8: targets 0 (s_i), 0.6125, 0.7.
