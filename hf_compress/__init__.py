@@ -1,7 +1,6 @@
 """hf-compress: distillation and structured pruning for Hugging Face transformers."""
 
 from .architectures import ArchitectureSpec, get_spec, register_architecture, supported_model_types
-from .magnitude_callback import GradualMagnitudePruningCallback
 from .checkpoint import load_compressed
 from .data import HubUnreachableError, load_text_classification_dataset, require_hub_or_local
 from .distillation_config import DistillationTrainingArguments
@@ -9,6 +8,7 @@ from .distillation_trainer import DistillationTrainer
 from .hub import push_compressed_to_hub
 from .importance import ImportanceScores, compute_importance, compute_layer_importance
 from .latency import measure_latency
+from .magnitude_callback import GradualMagnitudePruningCallback
 from .model_card import build_comparison, create_model_card, describe_model
 from .pruner import PruningReport, apply_plan, load_plan, prune, save_plan
 from .pruning_callback import GradualStructuredPruningCallback
