@@ -7,6 +7,7 @@ The loss is `alpha * soft + (1 - alpha) * hard + hidden_loss_weight * hidden + a
 from __future__ import annotations
 
 import inspect
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from .losses import (
     soft_kl_loss,
     token_kl_loss,
 )
+from .model_card import COMPARISON_FILE, create_model_card
 from .unstructured import l1_penalty
 
 logger = logging.get_logger(__name__)
@@ -653,6 +655,57 @@ class DistillationTrainer(Trainer):
             self._loss_parts_logged_step = self.state.global_step
         super().log(logs, start_time)
 
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+    ) -> None:
+        """Write hf-compress's model card to `args.output_dir/README.md` (what `push_to_hub()` uploads).
+
+        Instead of the stock Trainer draft, the card names the teacher, the distillation settings and the student's
+        structure, and, when `output_dir` holds a `comparison.json` (see `hf_compress.build_comparison`), the
+        teacher-vs-student metrics, size and speed-up. An existing README's own text is kept. The arguments are the
+        stock `Trainer.create_model_card` ones; `tasks` and `dataset_tags` are not used (the task comes from the
+        student's head).
+        """
+        if not self.is_world_process_zero():
+            return
+        comparison_path = os.path.join(self.args.output_dir, COMPARISON_FILE)
+        comparison = None
+        if os.path.isfile(comparison_path):
+            with open(comparison_path) as file:
+                comparison = json.load(file)
+        distillation = {"temperature": self.args.temperature, "alpha": self.args.alpha}
+        if self.args.hidden_loss_weight > 0:
+            distillation[f"hidden-state loss ({self.args.hidden_loss_type})"] = self.args.hidden_loss_weight
+        if self.args.attention_loss_weight > 0:
+            distillation["attention loss"] = self.args.attention_loss_weight
+        if self.layer_mapping:
+            distillation["layer mapping (student -> teacher)"] = self.layer_mapping
+        if self.args.l1_weight > 0:
+            distillation["L1 weight"] = self.args.l1_weight
+        create_model_card(
+            self.args.output_dir,
+            self.accelerator.unwrap_model(self.model),
+            base_model=finetuned_from or getattr(self.teacher_model, "name_or_path", None) or None,
+            comparison=comparison,
+            distillation=distillation,
+            dataset=_first(dataset),
+            dataset_config=_first(dataset_args),
+            model_name=model_name,
+            repo_id=getattr(self, "hub_model_id", None) or self.args.hub_model_id,
+            language=language,
+            license=license,
+            tags=[tags] if isinstance(tags, str) else tags,
+        )
+
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         # The projections are training state like the optimizer: saved beside it, never into the student's weights.
         super()._save_optimizer_and_scheduler(output_dir)
@@ -669,3 +722,8 @@ class DistillationTrainer(Trainer):
             logger.warning(f"{path} not found: the hidden-state projections restart from their initialisation.")
             return
         self.hidden_projections.load_state_dict(load_file(path, device=str(self.args.device)))
+
+
+def _first(value: str | list[str] | None) -> str | None:
+    # The stock Trainer takes one or several datasets; the card describes the first.
+    return value[0] if isinstance(value, list) and value else value or None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -643,3 +644,37 @@ def test_bad_batches_raise(tmp_path):
     float_labels = make_batch() | {"labels": torch.rand(4, 2)}
     with pytest.raises(ValueError, match=r"labels are floats.*num_labels=2.*multi-label"):
         trainer.compute_loss(student, float_labels)
+
+
+def test_push_to_hub_uploads_the_student_with_the_hf_compress_card(tmp_path, monkeypatch):
+    import transformers.trainer
+    from huggingface_hub import ModelCard
+
+    student, teacher = student_and_teacher()
+    args = make_args(tmp_path / "out", temperature=3.0, alpha=0.7, hub_model_id="me/tiny-student")
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=to_dataset(make_batch())
+    )
+    trainer.train()
+    uploads = []
+
+    class OfflineApi:  # stands in for the network calls only
+        def create_repo(self, repo_id, **kwargs):
+            return SimpleNamespace(repo_id=repo_id)
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            folder = Path(folder_path)
+            files = sorted(p.name for p in folder.iterdir() if not p.name.startswith(("_", "checkpoint-")))
+            uploads.append({"repo_id": repo_id, "files": files, "card": (folder / "README.md").read_text()})
+
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: OfflineApi())
+    trainer.push_to_hub()
+
+    (upload,) = uploads
+    assert upload["repo_id"] == "me/tiny-student"
+    assert {"README.md", "config.json", "model.safetensors"} <= set(upload["files"])
+    card = ModelCard(upload["card"])
+    assert "hf-compress" in card.data.tags and "distillation" in card.data.tags
+    assert "- Temperature: 3\n" in card.text and "- Alpha: 0.7\n" in card.text  # the distillation settings
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as weights:
+        assert set(weights.keys()) == set(student.state_dict())  # the student only, no teacher weights
