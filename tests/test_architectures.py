@@ -1,7 +1,9 @@
+import dataclasses
+
 import pytest
 from conftest import ARCHITECTURES, tiny_model
 
-from hf_compress import ArchitectureSpec, get_spec, register_architecture, supported_model_types
+from hf_compress import get_spec, register_architecture, supported_model_types
 from hf_compress.architectures import _REGISTRY, get_layers
 
 
@@ -32,7 +34,7 @@ def test_register_refuses_silent_overwrite():
     spec = get_spec(tiny_model("bert").config)
     with pytest.raises(ValueError, match="already registered"):
         register_architecture(spec)
-    register_architecture(ArchitectureSpec(**{**spec.__dict__, "model_type": "my-bert"}))
+    register_architecture(dataclasses.replace(spec, model_type="my-bert"))
     try:
         assert "my-bert" in supported_model_types()
     finally:

@@ -1,6 +1,7 @@
 """Pruned checkpoints load three ways and reproduce the pruned model's outputs exactly."""
 
 import ast
+import dataclasses
 import json
 import os
 import subprocess
@@ -18,8 +19,8 @@ from transformers import (
 )
 
 from hf_compress import (
-    ArchitectureSpec,
     drop_layers,
+    get_spec,
     get_structure,
     load_compressed,
     prune_ffn_neurons,
@@ -267,19 +268,7 @@ def test_stock_transformers_loads_with_trust_remote_code(model_type, stock_loade
 
 def test_registered_architecture_round_trips(tmp_path):
     # CamemBERT is not registered by default; the checkpoint records the module paths its modeling code needs.
-    register_architecture(
-        ArchitectureSpec(
-            model_type="camembert",
-            layers="encoder.layer",
-            query="attention.self.query",
-            key="attention.self.key",
-            value="attention.self.value",
-            attention_output="attention.output.dense",
-            attention_core="attention.self",
-            ffn_in="intermediate.dense",
-            ffn_out="output.dense",
-        )
-    )
+    register_architecture(dataclasses.replace(get_spec(tiny_config("bert")), model_type="camembert"))
     try:
         model = _pruned("camembert")
         assert type(model).__name__ == "CamembertForSequenceClassification"
