@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .schedules import CubicSparsitySchedule, resolve_step
+from .schedules import CubicSparsitySchedule, resolve_step, validate_step_range
 from .unstructured import SCOPES, _normalize_patterns, _select_linear_modules, magnitude_prune, make_permanent
 
 logger = logging.getLogger(__name__)
@@ -94,13 +94,7 @@ class GradualMagnitudePruningCallback(TrainerCallback):
             raise ValueError(
                 f"`initial_sparsity` must be in [0, final_sparsity={final_sparsity}], got {initial_sparsity}."
             )
-        for name, value in (("begin_step", begin_step), ("end_step", end_step)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(
-                    f"`{name}` must be a step number (>= 1) or a fraction of training in [0, 1), got {value!r}."
-                )
-        if isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1:
-            raise ValueError(f"`frequency` must be an integer >= 1 (steps between pruning steps), got {frequency!r}.")
+        validate_step_range(begin_step, end_step, frequency)
         if scope not in SCOPES:
             raise ValueError(f"`scope` must be one of {SCOPES}, got {scope!r}.")
         self.final_sparsity = final_sparsity

@@ -22,7 +22,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -115,7 +115,7 @@ class PruningReport:
 
 def _summary_dict(summary: ModelSummary) -> dict[str, Any]:
     # JSON has no tuples: lists, so that the dict equals what reading the saved report back gives.
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(summary).items()}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in summary.to_dict().items()}
 
 
 def save_plan(plan: Mapping[str, Any], path: str | os.PathLike) -> None:

@@ -36,7 +36,7 @@ from .architectures import get_layers, get_spec
 from .importance import UnitMasks, compute_importance
 from .mask_search import BALANCED_METHODS, Selection, balance_kinds, select_units, structure_cost, unit_costs
 from .pruning_config import PruningConfig
-from .schedules import CubicSparsitySchedule, resolve_step
+from .schedules import CubicSparsitySchedule, resolve_step, validate_step_range
 from .structured import get_structure, prune_ffn_neurons, prune_heads
 
 logger = logging.getLogger(__name__)
@@ -86,11 +86,7 @@ class GradualStructuredPruningCallback(TrainerCallback):
                 f"GradualStructuredPruningCallback prunes heads and neurons, not layers (config.layers="
                 f"{config.layers}); drop layers before training with `drop_layers` or `prune`."
             )
-        for name, value in (("begin_step", begin_step), ("end_step", end_step)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{name}={value!r} must be a step (>= 1) or a fraction of training in [0, 1).")
-        if isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1:
-            raise ValueError(f"frequency={frequency!r} must be an integer >= 1 (steps between pruning steps).")
+        validate_step_range(begin_step, end_step, frequency)
         if not 0 <= beta < 1:
             raise ValueError(f"beta={beta} must be in [0, 1): the decay of the running importance per step.")
         self.config = config

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from transformers import PreTrainedModel
 
 from .architectures import get_layers, get_spec
-from .structured import get_structure
+from .structured import ModelStructure, get_structure
 
 
 @dataclass(frozen=True)
@@ -18,9 +18,7 @@ class ModelSummary:
         parameters: Number of parameters (tied weights counted once).
         size_bytes: Bytes of tensor data `save_pretrained` writes to safetensors (tied weights once; the file adds a
             JSON header of a few KB).
-        heads_per_layer: Attention heads of each layer.
-        ffn_per_layer: FFN neurons (intermediate size) of each layer.
-        max_heads: Heads of an unpruned layer.
+        structure: Heads and FFN neurons of each layer (`hf_compress.structured.ModelStructure`).
         flops_per_token: Encoder FLOPs per token at the report's sequence length: the q/k/v/output and FFN
             projections (2 FLOPs per multiply-add) plus attention scores and their weighted sum (`4 * seq_len` FLOPs
             per head dimension). Embeddings, layer norms, softmax and the task head are left out: pruning does not
@@ -29,14 +27,39 @@ class ModelSummary:
 
     parameters: int
     size_bytes: int
-    heads_per_layer: tuple[int, ...]
-    ffn_per_layer: tuple[int, ...]
-    max_heads: int
+    structure: ModelStructure
     flops_per_token: int
 
     @property
+    def heads_per_layer(self) -> tuple[int, ...]:
+        """Attention heads of each layer."""
+        return self.structure.heads
+
+    @property
+    def ffn_per_layer(self) -> tuple[int, ...]:
+        """FFN neurons (intermediate size) of each layer."""
+        return self.structure.ffn
+
+    @property
+    def max_heads(self) -> int:
+        """Heads of an unpruned layer."""
+        return self.structure.max_heads
+
+    @property
     def num_layers(self) -> int:
-        return len(self.heads_per_layer)
+        return self.structure.num_layers
+
+    def to_dict(self) -> dict:
+        """Plain data, the structure flattened into `heads_per_layer`, `ffn_per_layer` and `max_heads` beside
+        `parameters`, `size_bytes` and `flops_per_token` (the keys saved pruning reports use)."""
+        return {
+            "parameters": self.parameters,
+            "size_bytes": self.size_bytes,
+            "heads_per_layer": self.heads_per_layer,
+            "ffn_per_layer": self.ffn_per_layer,
+            "max_heads": self.max_heads,
+            "flops_per_token": self.flops_per_token,
+        }
 
 
 @dataclass(frozen=True)
@@ -61,7 +84,12 @@ class CompressionReport:
         return getattr(self.model, field) / reference if reference else float("nan")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain data: `{"model": ..., "reference": ... or None, "seq_len": ...}`, each summary as its `to_dict()`."""
+        return {
+            "model": self.model.to_dict(),
+            "reference": self.reference.to_dict() if self.reference is not None else None,
+            "seq_len": self.seq_len,
+        }
 
     def __str__(self) -> str:
         header = ["", "model"] + (["reference", "model / reference"] if self.reference is not None else [])
@@ -127,9 +155,7 @@ def summarize(model: PreTrainedModel, seq_len: int = 128) -> ModelSummary:
     return ModelSummary(
         parameters=sum(p.numel() for p in model.parameters()),
         size_bytes=_safetensors_bytes(model),
-        heads_per_layer=structure.heads,
-        ffn_per_layer=structure.ffn,
-        max_heads=structure.max_heads,
+        structure=structure,
         flops_per_token=flops,
     )
 

@@ -144,3 +144,29 @@ def resolve_step(value: float, max_steps: int) -> int:
     """A step given as `TrainingArguments.warmup_steps` gives it: a value >= 1 is a step, one below 1 a fraction of
     `max_steps` (rounded up)."""
     return int(value) if value >= 1 else math.ceil(max_steps * value)
+
+
+def validate_step_range(begin_step: float, end_step: float, frequency: int) -> None:
+    """Check the step arguments a gradual pruning callback takes, before training starts.
+
+    Args:
+        begin_step: First pruning step: a step (>= 1) or a fraction of training in [0, 1) (see `resolve_step`).
+        end_step: Step at which pruning ends, in the same convention.
+        frequency: Steps between two pruning steps, an integer >= 1.
+
+    Raises:
+        ValueError: Naming the first bad argument, its value and the valid range.
+
+    Example:
+
+    ```python
+    >>> validate_step_range(begin_step=0.1, end_step=0.75, frequency=0)
+    Traceback (most recent call last):
+    ValueError: frequency=0 must be an integer >= 1 (steps between pruning steps).
+    ```
+    """
+    for name, value in (("begin_step", begin_step), ("end_step", end_step)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"{name}={value!r} must be a step (>= 1) or a fraction of training in [0, 1).")
+    if isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1:
+        raise ValueError(f"frequency={frequency!r} must be an integer >= 1 (steps between pruning steps).")

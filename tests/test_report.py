@@ -6,7 +6,7 @@ import struct
 import pytest
 from conftest import ARCHITECTURES, tiny_model
 
-from hf_compress import compression_report, drop_layers, prune_ffn_neurons, prune_heads
+from hf_compress import compression_report, drop_layers, get_structure, prune_ffn_neurons, prune_heads
 
 HIDDEN, HEAD_DIM = 16, 4
 
@@ -51,7 +51,18 @@ def test_report_counts_against_the_reference(model_type, tmp_path):
         source.save_pretrained(tmp_path / name)
         assert summary.size_bytes == _safetensors_data_bytes(tmp_path / name / "model.safetensors")
     assert report.model.size_bytes < report.reference.size_bytes
-    json.dumps(report.to_dict())  # plain data
+    assert report.model.structure == get_structure(model) and report.model.max_heads == 4
+    # Plain data, with the structure flattened into the keys saved reports have always used.
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["seq_len"] == 32 and data["reference"]["heads_per_layer"] == [4, 4, 4, 4]
+    assert data["model"] == {
+        "parameters": report.model.parameters,
+        "size_bytes": report.model.size_bytes,
+        "heads_per_layer": [0, 4, 4],
+        "ffn_per_layer": [24, 0, 20],
+        "max_heads": 4,
+        "flops_per_token": report.model.flops_per_token,
+    }
 
 
 def test_report_table():

@@ -1,6 +1,9 @@
+import re
+
 import pytest
 
-from hf_compress.schedules import CubicSparsitySchedule, cubic_sparsity
+from hf_compress import GradualMagnitudePruningCallback, GradualStructuredPruningCallback, PruningConfig
+from hf_compress.schedules import CubicSparsitySchedule, cubic_sparsity, validate_step_range
 
 
 def zhu_gupta(t, s_i, s_f, t0, n, dt):
@@ -58,3 +61,28 @@ def test_bad_schedule_arguments_raise(kwargs, message):
 def test_step_range_shorter_than_frequency_raises():
     with pytest.raises(ValueError, match="end_step - begin_step >= frequency"):
         CubicSparsitySchedule.from_step_range(0.5, begin_step=10, end_step=15, frequency=10)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(begin_step=-1), "begin_step=-1 must be a step (>= 1) or a fraction of training in [0, 1)."),
+        (dict(end_step=True), "end_step=True must be a step (>= 1) or a fraction of training in [0, 1)."),
+        (dict(end_step="0.5"), "end_step='0.5' must be a step (>= 1) or a fraction of training in [0, 1)."),
+        (dict(frequency=0), "frequency=0 must be an integer >= 1 (steps between pruning steps)."),
+        (dict(frequency=2.5), "frequency=2.5 must be an integer >= 1 (steps between pruning steps)."),
+    ],
+)
+def test_both_gradual_callbacks_check_their_step_range_alike(kwargs, message):
+    steps = {"begin_step": 0.1, "end_step": 0.75, "frequency": 10, **kwargs}
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        validate_step_range(**steps)
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        GradualStructuredPruningCallback(PruningConfig(), **steps)
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        GradualMagnitudePruningCallback(0.5, **steps)
+
+
+def test_valid_step_ranges_pass():
+    for begin, end in ((0, 0.75), (0.1, 0.9), (10, 200)):
+        validate_step_range(begin, end, frequency=1)  # raises on failure
