@@ -208,7 +208,8 @@ def create_student(
             a `DistilBertFor...` model (see `bert_to_distilbert`).
 
     Returns:
-        The student, on the teacher's device and dtype, in the teacher's train/eval mode.
+        The student, on the teacher's device and dtype, in the teacher's train/eval mode, with every parameter
+        trainable (even when the teacher is frozen, as `DistillationTrainer` leaves its teacher).
 
     Raises:
         ValueError: for an unsupported architecture, an unknown strategy or target, or layers the teacher does not
@@ -236,6 +237,8 @@ def create_student(
     # A deep copy shares no tensors with the teacher and keeps its class, device, dtype, mode and attention
     # implementation; drop_layers keeps the config in step (a pruned teacher's per-layer structure included).
     student = copy.deepcopy(teacher)
+    # A student is made to be trained, also from a teacher that a DistillationTrainer has frozen before.
+    student.requires_grad_(True)
     drop_layers(student, [index for index in range(num_teacher_layers) if index not in kept])
     logger.info("Created a %d-layer student from teacher layers %s.", len(kept), kept)
     return student

@@ -11,14 +11,15 @@ from conftest import tiny_model
 from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
-from hf_compress import HubUnreachableError
+from hf_compress import HubUnreachableError, load_compressed
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "distill_bert_sst2.py"
+PROGRESSIVE = EXAMPLE.parent / "progressive_compression.py"
 SENTENCES = ["a good movie", "a bad film", "great fun", "dull and awful", "not very good", "love the story"]
 
 
-def _load_example():
-    spec = importlib.util.spec_from_file_location("distill_bert_sst2", EXAMPLE)
+def _load_example(path: Path = EXAMPLE):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     # Dataclasses resolve their string annotations through sys.modules.
     sys.modules[spec.name] = module
@@ -154,3 +155,38 @@ def test_example_with_pruning_saves_a_loadable_pruned_student(workspace):
     stock = set(structure["heads_per_layer"]) == {4} and len(set(structure["ffn_neurons_per_layer"])) == 1
     assert bool(json.loads((out / "config.json").read_text()).get("auto_map")) is not stock
     assert ("trust_remote_code=True" in card.text) is not stock
+
+
+def _progressive_args(workspace, *extra):
+    return [
+        "--teacher", str(workspace / "teacher"), "--dataset", str(workspace / "data"),
+        "--output_dir", str(workspace / "progressive"), "--max_steps", "4", "--per_device_train_batch_size", "4",
+        "--per_device_eval_batch_size", "4", "--max_length", "16", "--latency_repeats", "1",
+        "--calibration_samples", "8", "--prune_frequency", "1", "--use_cpu", "true", *extra,
+    ]  # fmt: skip
+
+
+def test_progressive_example_prunes_the_teacher_then_the_student_while_distilling(workspace):
+    stages = _load_example(PROGRESSIVE).main(
+        _progressive_args(workspace, "--teacher_keep", "0.6", "--final_keep", "0.3")
+    )
+
+    assert [stage["stage"] for stage in stages] == [
+        "teacher",
+        "teacher pruned, no training",
+        "student pruned while distilling",
+    ]
+    teacher, pruned_teacher, student = stages
+    assert teacher["flops_kept"] == 1.0
+    assert pruned_teacher["flops_kept"] <= 0.6 and student["flops_kept"] <= 0.3
+    assert student["parameters"] < pruned_teacher["parameters"] < teacher["parameters"]
+    out = workspace / "progressive"
+    assert json.loads((out / "stages.json").read_text()) == stages
+    # The saved student is the final, smallest model: it loads with its per-layer structure.
+    loaded = load_compressed(out)
+    assert sum(p.numel() for p in loaded.parameters()) == student["parameters"]
+
+
+def test_progressive_example_refuses_a_final_budget_above_the_pruned_teacher(workspace):
+    with pytest.raises(ValueError, match="--final_keep 0.7 keeps more than the pruned teacher"):
+        _load_example(PROGRESSIVE).main(_progressive_args(workspace, "--teacher_keep", "0.6", "--final_keep", "0.7"))

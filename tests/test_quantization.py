@@ -6,6 +6,7 @@ from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 from transformers import AutoModelForSequenceClassification
 
 from hf_compress.quantization import from_pretrained_int8, quantize_dynamic_int8
+from hf_compress.structured import prune_ffn_neurons, prune_heads
 from hf_compress.unstructured import magnitude_prune, make_permanent
 
 # The stated tolerance on these tiny random models: int8 outputs differ from fp32 by at most 5% of the largest fp32
@@ -85,3 +86,18 @@ def test_model_off_cpu_raises():
     model = tiny_model("bert").to("meta")
     with pytest.raises(ValueError, match=r"CPU.*meta.*model.to\('cpu'\)"):
         quantize_dynamic_int8(model)
+
+
+def test_structurally_emptied_layers_stay_fp32_and_the_rest_is_int8():
+    model = tiny_model("bert").eval()
+    prune_heads(model, {1: [0, 1, 2, 3]})  # layer 1 keeps no attention head
+    prune_ffn_neurons(model, {2: list(range(model.config.intermediate_size))})  # layer 2 keeps no FFN neuron
+    batch = random_batch()
+    quantized = quantize_dynamic_int8(model)
+    layers = quantized.bert.encoder.layer
+    assert type(layers[1].attention.output.dense) is nn.Linear  # empty: left as it is
+    assert type(layers[2].output.dense) is nn.Linear
+    assert isinstance(layers[0].attention.output.dense, DynamicQuantizedLinear)
+    assert isinstance(layers[1].intermediate.dense, DynamicQuantizedLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(quantized(**batch).logits, model(**batch).logits, atol=0.05, rtol=0)

@@ -220,3 +220,12 @@ def test_distilbert_student_round_trips_with_stock_transformers(tmp_path):
 def test_distilbert_needs_a_bert_teacher():
     with pytest.raises(ValueError, match="needs a BERT teacher, got RobertaForSequenceClassification"):
         bert_to_distilbert(tiny_model("roberta"), num_layers=2)
+
+
+@pytest.mark.parametrize("target", [None, "distilbert"])
+def test_student_of_a_frozen_teacher_is_trainable(target):
+    teacher = tiny_model("bert")
+    teacher.requires_grad_(False)  # as DistillationTrainer leaves its teacher
+    student = create_student(teacher, num_layers=2, target=target)
+    assert all(p.requires_grad for p in student.parameters())
+    assert not any(p.requires_grad for p in teacher.parameters())
