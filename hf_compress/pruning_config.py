@@ -43,8 +43,9 @@ class PruningConfig:
         rescale_damping: Ridge damping of that fit, relative to the mean diagonal of its Gram matrix; it pulls the
             scales towards 1 (no change) when the calibration data cannot pin them down.
         num_batches: Use at most this many calibration batches (all when `None`).
-        round_to: Keep FFN widths at multiples of this (8 or 64 suit fast kernels); 1 disables rounding. A layer that
-            loses nothing keeps its width.
+        round_to: Keep FFN widths at multiples of this (default 8; 1 disables rounding). Odd widths run slower per
+            FLOP: on the SST-2 MiniLM-L6 teacher pruned to 1/4 of its FLOPs (batch 32 x 128, 2 CPU threads) the
+            speed-up was 3.76x with `round_to=1` and 4.03x with 8. A layer that loses nothing keeps its width.
 
     Example:
     ```python
@@ -83,7 +84,7 @@ class PruningConfig:
     )
     rescale_damping: float = field(default=1e-2, metadata={"help": "Relative ridge damping of the rescale fit, >= 0."})
     num_batches: int | None = field(default=None, metadata={"help": "Calibration batches to use (all when unset)."})
-    round_to: int = field(default=1, metadata={"help": "Keep FFN widths at multiples of this (1: no rounding)."})
+    round_to: int = field(default=8, metadata={"help": "Keep FFN widths at multiples of this (1: no rounding)."})
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
