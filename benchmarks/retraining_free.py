@@ -45,6 +45,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--importance", default="fisher", choices=["fisher", "taylor", "magnitude"])
     parser.add_argument("--scope", default="global", choices=["global", "layer"])
     parser.add_argument("--no-rescale", action="store_true", help="Skip the least-squares rescaling.")
+    parser.add_argument("--round-to", type=int, default=8, help="FFN widths in multiples of this (1: no rounding).")
     parser.add_argument("--num-calibration", type=int, default=256, help="Train sentences used for calibration.")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=128)
@@ -99,6 +100,7 @@ def main() -> None:
         scope=args.scope,
         rescale=not args.no_rescale,
         seq_len=args.seq_len,
+        round_to=args.round_to,
     )
     start = time.perf_counter()
     report = prune(model, config, dataloader=calibration)
