@@ -25,6 +25,7 @@ from .structured import (
     round_ffn_plan,
 )
 from .students import bert_to_distilbert, create_student, select_layers
+from .teacher_cache import TeacherCache
 from .unstructured import SparsityReport, l1_penalty, magnitude_prune, make_permanent, sparsity_report
 
 __version__ = "0.1.0"
@@ -44,6 +45,7 @@ __all__ = [
     "PruningConfig",
     "PruningReport",
     "SparsityReport",
+    "TeacherCache",
     "__version__",
     "apply_plan",
     "bert_to_distilbert",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +12,7 @@ from transformers import TrainingArguments
 from transformers.utils import logging
 
 from .losses import HIDDEN_LOSS_TYPES
+from .teacher_cache import CACHE_DTYPES
 
 logger = logging.get_logger(__name__)
 
@@ -80,6 +82,18 @@ class DistillationTrainingArguments(TrainingArguments):
         teacher_model_init_kwargs (`dict[str, Any]` or `str`, *optional*):
             Keyword arguments of `from_pretrained` when the teacher is given as a Hub id or path (a JSON string on the
             command line), e.g. `{"revision": "main"}`.
+        teacher_cache_dir (`str`, *optional*):
+            Folder of teacher-output caches; setting it turns caching on. `train()` first runs the teacher once over
+            the training set (in inference mode and the training precision) and stores its logits, plus the mapped
+            layers' hidden states / attentions when the intermediate losses are on, in
+            `<teacher_cache_dir>/<teacher fingerprint>-<data fingerprint>.safetensors`; every training batch then
+            reads them instead of running the teacher, and later runs with the same teacher and training set reuse
+            the file. Examples are keyed by their content, so inputs that change between passes (random masking,
+            augmentation) raise a `ValueError` instead of training on stale targets. Evaluation keeps the live teacher.
+        teacher_cache_dtype (`str`, *optional*):
+            Storage dtype of the cached hidden states and attentions: `"float32"`, `"float16"` or `"bfloat16"`
+            (half the size of float32). Defaults to the teacher's dtype, which reproduces the live loss exactly. The
+            logits always keep the teacher's dtype.
     """
 
     temperature: float = field(
@@ -140,6 +154,22 @@ class DistillationTrainingArguments(TrainingArguments):
             "help": "Keyword arguments of `from_pretrained` when the teacher is a Hub id or path, as a JSON object."
         },
     )
+    teacher_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of teacher-output caches; set it to run the teacher once over the training set and reuse "
+            "its outputs every epoch and in later runs with the same teacher and data. Evaluation keeps the live "
+            "teacher. Refused for inputs that change between passes (random masking, augmentation)."
+        },
+    )
+    teacher_cache_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Storage dtype of cached hidden states and attentions (float32, float16, bfloat16); default: the "
+            "teacher's dtype, which reproduces the live loss exactly. Logits keep the teacher's dtype.",
+            "choices": list(CACHE_DTYPES),
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -177,11 +207,38 @@ class DistillationTrainingArguments(TrainingArguments):
                     f"teacher_model_init_kwargs={self.teacher_model_init_kwargs!r} is not valid JSON; pass a JSON "
                     'object such as \'{"revision": "main"}\'.'
                 ) from error
+        self._check_teacher_cache()
         if self.teacher_model_init_kwargs is not None and not isinstance(self.teacher_model_init_kwargs, dict):
             raise ValueError(
                 f"teacher_model_init_kwargs={self.teacher_model_init_kwargs!r} must be a dict of `from_pretrained` "
                 "keyword arguments."
             )
+
+    def _check_teacher_cache(self) -> None:
+        if self.teacher_cache_dir is not None:
+            if isinstance(self.teacher_cache_dir, os.PathLike):
+                self.teacher_cache_dir = os.fspath(self.teacher_cache_dir)
+            if not isinstance(self.teacher_cache_dir, str) or not self.teacher_cache_dir.strip():
+                raise ValueError(
+                    f"teacher_cache_dir={self.teacher_cache_dir!r} is invalid: pass a folder path (created if missing), "
+                    "or None to run the teacher live on every batch."
+                )
+            if os.path.exists(self.teacher_cache_dir) and not os.path.isdir(self.teacher_cache_dir):
+                raise ValueError(
+                    f"teacher_cache_dir={self.teacher_cache_dir!r} is a file; pass a folder to hold the cache files."
+                )
+        if self.teacher_cache_dtype is not None:
+            if self.teacher_cache_dtype not in CACHE_DTYPES:
+                raise ValueError(
+                    f"teacher_cache_dtype={self.teacher_cache_dtype!r} is not supported; use one of "
+                    f"{list(CACHE_DTYPES)}, or None to keep the teacher's dtype."
+                )
+            if self.teacher_cache_dir is None or not self.uses_intermediate_layers:
+                logger.warning(
+                    f"teacher_cache_dtype={self.teacher_cache_dtype!r} only applies to cached hidden states and "
+                    "attentions, so it is unused without teacher_cache_dir and an intermediate (hidden-state or "
+                    "attention) loss."
+                )
 
     @property
     def uses_intermediate_layers(self) -> bool:
