@@ -326,23 +326,40 @@ class DistillationTrainer(Trainer):
         trial: Any = None,
         ignore_keys_for_eval: list[str] | None = None,
     ) -> TrainOutput:
-        """`Trainer.train`, after loading or building the teacher cache when `teacher_cache_dir` is set.
+        """`Trainer.train`, after `prepare_teacher_cache()` when `teacher_cache_dir` is set.
 
-        The cache is built here rather than in `__init__` so that `model_init` and hyperparameter search see it
+        The cache is prepared here rather than in `__init__` so that `model_init` and hyperparameter search see it
         too; a file that matches the teacher and training set is reused (see `DistillationTrainingArguments`).
         """
-        self.teacher_cache = None
-        if self.args.teacher_cache_dir is not None:
-            if self._needs_teacher:
-                # Each pass of a DataLoader draws a seed from the global generator: restore it afterwards, so that
-                # turning the cache on does not change the shuffling and dropout of training.
-                with torch.random.fork_rng(devices=[]):
-                    self.teacher_cache = self._load_or_build_teacher_cache()
-            else:
-                logger.info("teacher_cache_dir is unused: alpha=0 without intermediate losses never runs the teacher.")
+        self.prepare_teacher_cache()
         return super().train(
             resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval
         )
+
+    def prepare_teacher_cache(self) -> TeacherCache | None:
+        """Load the teacher cache of the training set, or build it by running the teacher once over it.
+
+        `train()` calls this first. Call it yourself to build the cache ahead of training, for example once on one
+        process before a multi-process run (whose processes then only load the file), or to time the build apart.
+
+        Returns:
+            The [`TeacherCache`] (also set as `self.teacher_cache`), or `None` when `teacher_cache_dir` is not set or
+            the teacher never runs (`alpha=0` without intermediate losses).
+
+        Raises:
+            ValueError: for a training set whose teacher inputs change between passes (see `check_cacheable`).
+        """
+        self.teacher_cache = None
+        if self.args.teacher_cache_dir is None:
+            return None
+        if not self._needs_teacher:
+            logger.info("teacher_cache_dir is unused: alpha=0 without intermediate losses never runs the teacher.")
+            return None
+        # Each pass of a DataLoader draws a seed from the global generator: restore it afterwards, so that turning
+        # the cache on does not change the shuffling and dropout of training.
+        with torch.random.fork_rng(devices=[]):
+            self.teacher_cache = self._load_or_build_teacher_cache()
+        return self.teacher_cache
 
     def _load_or_build_teacher_cache(self) -> TeacherCache:
         if self.train_dataset is None:

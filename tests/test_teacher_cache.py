@@ -237,6 +237,28 @@ def test_a_second_trainer_reuses_the_file_without_running_the_teacher(tmp_path):
     assert "soft_loss" in second.state.log_history[0]  # the teacher's targets came from the file
 
 
+def test_prepare_teacher_cache_builds_ahead_of_training_and_train_reuses_it(tmp_path):
+    trainer = cached_trainer(tmp_path, data=to_dataset(make_batch(num_rows=8)), max_steps=1)
+    calls = count_forwards(trainer.teacher_model)
+    cache = trainer.prepare_teacher_cache()
+    assert cache is trainer.teacher_cache and cache.built and calls[0] == 2  # 8 rows in batches of 4
+    assert trainer.state.global_step == 0  # nothing trained yet
+    trainer.train()
+    assert calls[0] == 2 and not trainer.teacher_cache.built and trainer.state.global_step == 1
+    assert trainer.teacher_cache.path == cache.path
+
+
+def test_prepare_teacher_cache_is_none_without_a_cache_dir_or_a_teacher_to_run(tmp_path):
+    student, teacher = student_and_teacher()
+    data = to_dataset(make_batch(num_rows=4))
+    uncached = DistillationTrainer(
+        model=student, teacher_model=teacher, args=make_args(tmp_path / "a"), train_dataset=data
+    )
+    assert uncached.prepare_teacher_cache() is None
+    fine_tuning = cached_trainer(tmp_path, data=data, alpha=0.0)
+    assert fine_tuning.prepare_teacher_cache() is None and cache_files(tmp_path) == []
+
+
 def test_a_changed_dataset_gets_a_new_file(tmp_path):
     batch = make_batch(num_rows=8)
     first = cached_trainer(tmp_path, data=to_dataset(batch))
