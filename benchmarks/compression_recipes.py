@@ -1,13 +1,16 @@
 """The variants of the compression benchmark and how each is made from the teacher (see `compression_table.py`).
 
 Every recipe takes the teacher (never modified), the tokenized data and the benchmark's settings, and returns the
-compressed fp32 model. int8 variants are made from another variant's saved model when they are timed.
+compressed fp32 model. int8 variants are made from another variant's saved model when they are timed. Distilled
+variants read the teacher's outputs from one teacher cache (`teacher_cache_dir`), built by the first of them and
+reused by the others; the time spent preparing it is returned apart from the training time.
 """
 
 from __future__ import annotations
 
 import copy
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,16 +103,26 @@ class Context:
     seed: int = 0
     num_calibration: int = 256
     training: dict[str, Any] = field(default_factory=dict)  # DistillationTrainingArguments fields
+    teacher_cache_dir: str | None = None  # None: every distilled variant runs the teacher live
 
 
-def build(variant: Variant, context: Context) -> PreTrainedModel:
+@dataclass
+class Built:
+    """A variant's fp32 model and the seconds spent loading or building the teacher cache it trained from."""
+
+    model: PreTrainedModel
+    teacher_cache_seconds: float = 0.0
+    teacher_cache_built: bool = False
+
+
+def build(variant: Variant, context: Context) -> Built:
     """Make `variant`'s fp32 model from `context.teacher` (left unchanged)."""
     if variant.recipe == "teacher":
-        return copy.deepcopy(context.teacher)
+        return Built(copy.deepcopy(context.teacher))
     if variant.recipe == "retraining_free":
         model = copy.deepcopy(context.teacher)
         prune(model, _pruning_config(variant.keep, context), dataloader=_calibration(context))
-        return model
+        return Built(model)
     if variant.recipe == "distil":
         return _distil(variant, context)
     raise ValueError(
@@ -135,7 +148,7 @@ def encoder_flops(model: torch.nn.Module, seq_len: int) -> int:
     return compression_report(model, seq_len=seq_len).model.flops_per_token
 
 
-def _distil(variant: Variant, context: Context) -> PreTrainedModel:
+def _distil(variant: Variant, context: Context) -> Built:
     """A student of `variant.layers` teacher layers, distilled; pruned while it learns when `variant.keep` is set."""
     teacher = context.teacher
     num_layers = teacher.config.num_hidden_layers
@@ -153,6 +166,7 @@ def _distil(variant: Variant, context: Context) -> PreTrainedModel:
         seed=context.seed,
         save_strategy="no",
         report_to="none",
+        teacher_cache_dir=context.teacher_cache_dir,
         **context.training,
     )
     trainer = DistillationTrainer(
@@ -163,5 +177,8 @@ def _distil(variant: Variant, context: Context) -> PreTrainedModel:
         data_collator=context.collator,
         callbacks=callbacks,
     )
+    start = time.perf_counter()
+    cache = trainer.prepare_teacher_cache()  # train() would prepare it too: timed apart, it is shared by the variants
+    cache_seconds = time.perf_counter() - start if cache is not None else 0.0
     trainer.train()
-    return trainer.model.eval()
+    return Built(trainer.model.eval(), cache_seconds, cache is not None and cache.built)

@@ -84,7 +84,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"{setup['warmup']} warm-up, every model timed in the same run as the teacher (teacher: "
         f"{teacher['latency_ms']['b32_seq']:.0f} ms per batch of 32 x {seq} tokens); `real` = validation sentences at "
         "their own length (batch 32 padded to its longest; batch 1 one sentence at a time). Distilled variants: "
-        f"{setup['train_samples']:,} training sentences, {setup['epochs']:g} epoch(s), seed {setup['seed']}.",
+        f"{setup['train_samples']:,} training sentences, {setup['epochs']:g} epoch(s), seed {setup['seed']}"
+        f"{_teacher_cache_note(results['variants'])}.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
@@ -146,6 +147,17 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _teacher_cache_note(variants: list[dict[str, Any]]) -> str:
+    """How the distilled variants got the teacher's outputs, and what building the shared cache took."""
+    builds = [v["teacher_cache_seconds"] for v in variants if v.get("teacher_cache_built")]
+    if not builds:
+        return "" if not any("teacher_cache_seconds" in v for v in variants) else "; teacher outputs from a cache"
+    return (
+        f"; the teacher's outputs on them were cached once ({_duration(sum(builds))}, shared by every distilled "
+        "variant and left out of their compression time)"
+    )
 
 
 def _duration(seconds: float) -> str:

@@ -62,6 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=64, help="Truncation length for training.")
     parser.add_argument("--num-calibration", type=int, default=256, help="Sentences for pruning importance.")
     parser.add_argument(
+        "--teacher-cache-dir",
+        default=None,
+        help="Teacher-output cache of the distilled variants (default: <work-dir>/teacher-cache; '' runs it live).",
+    )
+    parser.add_argument(
         "--seq-len", type=int, default=128, help="FLOPs are counted and batches padded at this length."
     )
     parser.add_argument("--threads", type=int, default=2, help="torch threads for everything (recorded).")
@@ -119,6 +124,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         work_dir=args.work_dir,
         seed=args.seed,
         num_calibration=args.num_calibration,
+        teacher_cache_dir=_teacher_cache_dir(args),
         training={
             "num_train_epochs": args.epochs,
             "per_device_train_batch_size": args.batch_size,
@@ -197,6 +203,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             **settings,
             "dataset": Path(args.data).name if Path(args.data).exists() else args.data,
             "num_eval": len(validation),
+            "teacher_cache": context.teacher_cache_dir is not None,
             "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
             "threads": torch.get_num_threads(),
@@ -222,13 +229,16 @@ def build_or_load(variant: Variant, context: Context, settings: dict, rebuild: b
     logger.info("Building %s (%s).", variant.name, variant.label)
     torch.manual_seed(context.seed)
     start = time.perf_counter()
-    model = build(variant, context)
-    seconds = time.perf_counter() - start
+    built = build(variant, context)
+    seconds = time.perf_counter() - start - built.teacher_cache_seconds
+    model = built.model
     model.save_pretrained(folder)
     result = {
         "path": str(folder),
         "accuracy": accuracy(model, validation, collator),
         "compression_seconds": seconds,
+        "teacher_cache_seconds": built.teacher_cache_seconds,
+        "teacher_cache_built": built.teacher_cache_built,
         "parameters": sum(p.numel() for p in model.parameters()),
         "size_bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors")),
         "flops_per_token": encoder_flops(model, context.seq_len),
@@ -294,6 +304,12 @@ def time_models(
         for n, per in timings.items()
     }
     return latency, speedup
+
+
+def _teacher_cache_dir(args: argparse.Namespace) -> str | None:
+    if args.teacher_cache_dir is None:
+        return str(Path(args.work_dir) / "teacher-cache")
+    return args.teacher_cache_dir or None
 
 
 def _state_dict_bytes(model: torch.nn.Module) -> bytes:

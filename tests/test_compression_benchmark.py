@@ -67,11 +67,16 @@ def test_benchmark_writes_json_plot_and_readme_table(workspace, compression_tabl
             by_name[name]["speedup"]["b32_seq"] / by_name[name]["flops_reduction"]
         )
     assert "realised_over_flops" not in by_name["teacher-int8"]
+    # One teacher cache serves every distilled variant: the first builds it, the others reuse the file.
+    distilled = [row for row in saved["variants"] if row["recipe"] == "distil"]
+    assert [row["teacher_cache_built"] for row in distilled] == [True] + [False] * (len(distilled) - 1)
+    assert len(list((workspace / "work" / "teacher-cache").glob("*.safetensors"))) == 1
 
     assert (workspace / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     readme = (workspace / "README.md").read_text()
     assert "old" not in readme and readme.startswith("# Title") and readme.endswith("More text.\n")
     assert "| teacher |" in readme and "student, 3 layers, distilled" in readme
+    assert "the teacher's outputs on them were cached once" in readme
 
     # A second run reuses the built models (same settings) and only re-times them; --render-only redraws the table.
     (workspace / "README.md").write_text("<!-- compression-table:begin -->\n<!-- compression-table:end -->\n")
@@ -85,6 +90,12 @@ def test_second_run_reuses_built_models(workspace, compression_table, caplog):
         results = compression_table.main(_argv(workspace, "--variants", "pruned-2x"))
     assert "Reusing pruned-2x" in caplog.text
     assert [row["name"] for row in results["variants"]] == ["teacher", "pruned-2x"]
+
+
+def test_an_empty_teacher_cache_dir_runs_the_teacher_live(workspace, compression_table):
+    results = compression_table.main(_argv(workspace, "--variants", "student-2l", "--teacher-cache-dir", ""))
+    assert results["setup"]["teacher_cache"] is False
+    assert results["variants"][1]["teacher_cache_seconds"] == 0 and not (workspace / "work" / "teacher-cache").exists()
 
 
 def test_readme_without_markers_is_refused(workspace, compression_table):
