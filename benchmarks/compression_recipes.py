@@ -152,7 +152,12 @@ def _distil(variant: Variant, context: Context) -> Built:
     """A student of `variant.layers` teacher layers, distilled; pruned while it learns when `variant.keep` is set."""
     teacher = context.teacher
     num_layers = teacher.config.num_hidden_layers
-    student = create_student(teacher, layers_to_keep=select_layers(num_layers, variant.layers or num_layers))
+    kept = select_layers(num_layers, variant.layers or num_layers)
+    student = create_student(teacher, layers_to_keep=kept)
+    training = dict(context.training)
+    if training.get("hidden_loss_weight"):
+        # Match each student layer to the teacher layer it was initialised from (hidden-state indices: 0 = embeddings).
+        training["layer_mapping"] = {new + 1: old + 1 for new, old in enumerate(kept)}
     callbacks = []
     if variant.keep is not None:
         # The budget is a fraction of the teacher's FLOPs; the callback counts from the student's own.
@@ -167,7 +172,7 @@ def _distil(variant: Variant, context: Context) -> Built:
         save_strategy="no",
         report_to="none",
         teacher_cache_dir=context.teacher_cache_dir,
-        **context.training,
+        **training,
     )
     trainer = DistillationTrainer(
         model=student,

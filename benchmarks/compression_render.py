@@ -84,8 +84,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"{setup['warmup']} warm-up, every model timed in the same run as the teacher (teacher: "
         f"{teacher['latency_ms']['b32_seq']:.0f} ms per batch of 32 x {seq} tokens); `real` = validation sentences at "
         "their own length (batch 32 padded to its longest; batch 1 one sentence at a time). Distilled variants: "
-        f"{setup['train_samples']:,} training sentences, {setup['epochs']:g} epoch(s), seed {setup['seed']}"
-        f"{_teacher_cache_note(results['variants'])}.",
+        f"{setup.get('num_train', setup['train_samples']):,} training sentences, {setup['epochs']:g} epoch(s), "
+        f"{_loss_note(setup)}, seed {setup['seed']}{_teacher_cache_note(results['variants'])}.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
@@ -147,6 +147,14 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _loss_note(setup: dict[str, Any]) -> str:
+    """The distillation loss settings (results older than these fields used the defaults written here)."""
+    note = f"T={setup.get('temperature', 2.0):g}, alpha={setup.get('alpha', 0.5):g}"
+    if setup.get("hidden_loss_weight"):
+        note += f", hidden-state loss ({setup['hidden_loss_type']}) weight {setup['hidden_loss_weight']:g}"
+    return note
 
 
 def _teacher_cache_note(variants: list[dict[str, Any]]) -> str:

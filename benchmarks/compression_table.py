@@ -55,10 +55,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variants", nargs="*", help="Only these variants (names); default all.")
     parser.add_argument("--rebuild", action="store_true", help="Build the variants again even if saved.")
     parser.add_argument("--render-only", action="store_true", help="Only render --output into README and plot.")
-    parser.add_argument("--train-samples", type=int, default=16000, help="Training sentences for distillation.")
+    parser.add_argument(
+        "--train-samples", type=int, default=None, help="Training sentences for distillation (default: all)."
+    )
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--temperature", type=float, default=2.0, help="Distillation softmax temperature.")
+    parser.add_argument("--alpha", type=float, default=0.5, help="Weight of the soft loss (1 - alpha: labels).")
+    parser.add_argument(
+        "--hidden-loss-weight", type=float, default=0.0, help="Weight of the hidden-state loss (0: logits only)."
+    )
+    parser.add_argument("--hidden-loss-type", default="mse", choices=["mse", "cosine"])
     parser.add_argument("--max-length", type=int, default=64, help="Truncation length for training.")
     parser.add_argument("--num-calibration", type=int, default=256, help="Sentences for pruning importance.")
     parser.add_argument(
@@ -111,7 +119,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return lambda rows: tokenizer(*[rows[c] for c in columns], truncation=True, max_length=max_length)
 
     train = data.dataset["train"]
-    train = train.select(range(min(args.train_samples, len(train))))
+    if args.train_samples is not None:
+        train = train.select(range(min(args.train_samples, len(train))))
     train = train.map(tokenize(args.max_length), batched=True, remove_columns=columns)
     validation_text = data.dataset["validation"]
     validation = validation_text.map(tokenize(args.seq_len), batched=True, remove_columns=columns)
@@ -129,6 +138,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "num_train_epochs": args.epochs,
             "per_device_train_batch_size": args.batch_size,
             "learning_rate": args.learning_rate,
+            "temperature": args.temperature,
+            "alpha": args.alpha,
+            "hidden_loss_weight": args.hidden_loss_weight,
+            "hidden_loss_type": args.hidden_loss_type,
             "logging_steps": 50,
             "disable_tqdm": False,
         },
@@ -148,6 +161,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "epochs",
             "batch_size",
             "learning_rate",
+            "temperature",
+            "alpha",
+            "hidden_loss_weight",
+            "hidden_loss_type",
             "max_length",
             "num_calibration",
             "seq_len",
@@ -202,6 +219,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "setup": {
             **settings,
             "dataset": Path(args.data).name if Path(args.data).exists() else args.data,
+            "num_train": len(train),
             "num_eval": len(validation),
             "teacher_cache": context.teacher_cache_dir is not None,
             "device": str(device),

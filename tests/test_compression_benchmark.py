@@ -98,6 +98,20 @@ def test_an_empty_teacher_cache_dir_runs_the_teacher_live(workspace, compression
     assert results["variants"][1]["teacher_cache_seconds"] == 0 and not (workspace / "work" / "teacher-cache").exists()
 
 
+def test_loss_settings_reach_the_students_and_the_table(workspace, compression_table, monkeypatch):
+    import compression_recipes
+
+    seen = []
+    monkeypatch.setattr(compression_recipes.DistillationTrainer, "train", lambda self: seen.append(self.args))
+    argv = ["--variants", "student-3l", "--temperature", "4", "--alpha", "0.9", "--hidden-loss-weight", "1"]
+    results = compression_table.main(_argv(workspace, *argv, "--hidden-loss-type", "cosine"))
+    (args,) = seen
+    assert (args.temperature, args.alpha, args.hidden_loss_weight, args.hidden_loss_type) == (4, 0.9, 1, "cosine")
+    assert args.layer_mapping == {1: 1, 2: 4, 3: 6}  # each student layer -> the teacher layer it started from
+    assert results["setup"]["num_train"] == 24
+    assert "T=4, alpha=0.9, hidden-state loss (cosine) weight 1" in (workspace / "README.md").read_text()
+
+
 def test_readme_without_markers_is_refused(workspace, compression_table):
     (workspace / "README.md").write_text("# No markers\n")
     with pytest.raises(ValueError, match="compression-table:begin"):
