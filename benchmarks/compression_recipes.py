@@ -42,6 +42,7 @@ class Variant:
         layers: Student layers (`"distil"`); `None` keeps all of the teacher's.
         keep: Fraction of the teacher's encoder FLOPs kept by pruning (`"retraining_free"`, `"distil"`).
         base: The variant an `"int8"` variant quantizes.
+        epochs: Training epochs of a `"distil"` variant, instead of the benchmark's `--epochs`.
     """
 
     name: str
@@ -50,6 +51,7 @@ class Variant:
     layers: int | None = None
     keep: float | None = None
     base: str | None = None
+    epochs: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -61,6 +63,10 @@ def default_variants(num_layers: int) -> list[Variant]:
     variants = [
         Variant("teacher", "teacher", "teacher"),
         Variant(f"student-{half}l", f"student, {half} layers, distilled", "distil", layers=half),
+        # With the teacher's outputs cached, epochs after the first cost what plain fine-tuning does.
+        Variant(
+            f"student-{half}l-3ep", f"student, {half} layers, distilled 3 epochs", "distil", layers=half, epochs=3
+        ),
         Variant(f"student-{third}l", f"student, {third} layers, distilled", "distil", layers=third),
         Variant("pruned-2x", "pruned to 1/2 FLOPs, no training", "retraining_free", keep=0.5),
         Variant("pruned-4x", "pruned to 1/4 FLOPs, no training", "retraining_free", keep=0.25),
@@ -155,6 +161,8 @@ def _distil(variant: Variant, context: Context) -> Built:
     kept = select_layers(num_layers, variant.layers or num_layers)
     student = create_student(teacher, layers_to_keep=kept)
     training = dict(context.training)
+    if variant.epochs is not None:
+        training["num_train_epochs"] = variant.epochs
     if training.get("hidden_loss_weight"):
         # Match each student layer to the teacher layer it was initialised from (hidden-state indices: 0 = embeddings).
         training["layer_mapping"] = {new + 1: old + 1 for new, old in enumerate(kept)}

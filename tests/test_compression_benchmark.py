@@ -52,7 +52,9 @@ def test_benchmark_writes_json_plot_and_readme_table(workspace, compression_tabl
     assert saved == json.loads(json.dumps(results))
     names = [row["name"] for row in saved["variants"]]
     assert names[0] == "teacher" and len(names) == len(set(names))
-    assert {"student-3l", "student-2l", "pruned-2x", "pruned-4x-distilled", "teacher-int8"} <= set(names)
+    assert {"student-3l", "student-3l-3ep", "student-2l", "pruned-2x", "pruned-4x-distilled", "teacher-int8"} <= set(
+        names
+    )
     teacher = saved["variants"][0]
     assert teacher["retained"] == 1.0 and teacher["speedup"]["b32_seq"] > 0
     for row in saved["variants"]:
