@@ -128,7 +128,6 @@ def plot(results: dict[str, Any], path: Path) -> None:
             zorder=3,
             color="black" if is_teacher else ("tab:orange" if v["recipe"] == "int8" else "tab:blue"),
         )
-        ax.annotate(v["label"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7)
     for fraction, style in ((0.99, "--"), (0.97, ":")):
         ax.axhline(teacher["accuracy"] * fraction, color="gray", linestyle=style, linewidth=1)
         ax.text(
@@ -145,8 +144,25 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.set_title("hf-compress: accuracy vs speed (the star is the teacher)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _annotate_without_overlap(ax, results["variants"])  # after the layout, which moves the axes
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def _annotate_without_overlap(ax, variants: list[dict[str, Any]]) -> None:
+    """Label each point beside it, moving a label above or below when it would cover one already placed."""
+    to_points = ax.transData + ax.figure.dpi_scale_trans.inverted()  # data -> inches
+    placed: list[tuple[float, float, float, float]] = []  # label boxes in points: x0, y0, x1, y1
+    for v in sorted(variants, key=lambda v: -v["accuracy"]):
+        x, y = v["speedup"][HEADLINE], v["accuracy"]
+        px, py = (72 * c for c in to_points.transform((x, y)))
+        width = 3.6 * len(v["label"])  # about a 7-point character
+        for dy in (4, -11, 12, -19, 20, -27):
+            box = (px + 6, py + dy, px + 18 + width, py + dy + 8)  # 12 points of room after the text
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+                break
+        placed.append(box)
+        ax.annotate(v["label"], (x, y), textcoords="offset points", xytext=(6, dy), fontsize=7)
 
 
 def _loss_note(setup: dict[str, Any]) -> str:
