@@ -6,6 +6,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from hf_compress import format_bytes
+
 BEGIN, END = "<!-- compression-table:begin -->", "<!-- compression-table:end -->"
 # Which measured latency the headline speed-up is: a full batch of sequences padded to the FLOPs length.
 HEADLINE = "b32_seq"
@@ -67,7 +69,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{v['accuracy']:.4f}",
                 f"{v['retained']:.1%}",
                 f"{v['parameters'] / 1e6:.1f}M",
-                f"{v['size_bytes'] / 2**20:.0f} MB",
+                format_bytes(v["size_bytes"]),
                 f"{v['flops_per_sequence'] / 1e9:.2f}",
                 f"{speedup['b32_seq']:.2f}x",
                 f"{speedup['b1_seq']:.2f}x",

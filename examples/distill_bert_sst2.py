@@ -46,6 +46,7 @@ from hf_compress import (
     create_model_card,
     create_student,
     describe_model,
+    format_bytes,
     load_text_classification_dataset,
     measure_latency,
     prune,
@@ -146,7 +147,7 @@ def print_comparison(comparison: dict) -> None:
     rows = [(name, f"{teacher['metrics'][name]:.4f}", f"{value:.4f}") for name, value in student["metrics"].items()]
     rows += [
         ("parameters", f"{teacher['parameters'] / 1e6:.1f}M", f"{student['parameters'] / 1e6:.1f}M"),
-        ("size on disk", f"{teacher['size_bytes'] / 2**20:.1f} MB", f"{student['size_bytes'] / 2**20:.1f} MB"),
+        ("size on disk", format_bytes(teacher["size_bytes"]), format_bytes(student["size_bytes"])),
         ("latency per batch", f"{teacher['latency_ms']:.1f} ms", f"{student['latency_ms']:.1f} ms"),
     ]
     latency = comparison["latency"]

@@ -14,7 +14,7 @@ from .pruner import PruningReport, apply_plan, load_plan, prune, save_plan
 from .pruning_callback import GradualStructuredPruningCallback
 from .pruning_config import PruningConfig
 from .quantization import from_pretrained_int8, quantize_dynamic_int8
-from .report import CompressionReport, ModelSummary, compression_report
+from .report import CompressionReport, ModelSummary, compression_report, format_bytes
 from .schedules import CubicSparsitySchedule, cubic_sparsity
 from .structured import (
     ModelStructure,
@@ -58,6 +58,7 @@ __all__ = [
     "cubic_sparsity",
     "describe_model",
     "drop_layers",
+    "format_bytes",
     "from_pretrained_int8",
     "get_spec",
     "get_structure",

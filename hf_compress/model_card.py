@@ -35,6 +35,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import PreTrainedModel
 
+from .report import format_bytes
 from .structured import get_structure
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
@@ -246,7 +247,7 @@ def create_model_card(
         reference_label=reference_label,
         comparison_rows=_comparison_rows(comparison),
         eval_dataset_description=_eval_description(dataset_description, dataset_info),
-        latency_setup=_latency_setup(comparison.get("latency", {})),
+        latency_sentence=_latency_sentence(comparison),
         base_model_link=_link(base_model) if base_model else "an unnamed model",
         distillation_items=_items(distillation),
         pruning_items=_items(pruning),
@@ -359,10 +360,6 @@ def _human_count(count: int) -> str:
     return f"{count / 1e6:.1f}M" if count >= 1e6 else f"{count / 1e3:.1f}K" if count >= 1e3 else str(count)
 
 
-def _human_bytes(size: int) -> str:
-    return f"{size / 2**20:.1f} MB" if size >= 2**20 else f"{size / 2**10:.1f} KB"
-
-
 def _comparison_rows(comparison: Mapping[str, Any]) -> list[dict[str, str]]:
     reference, model = comparison.get("teacher", {}), comparison.get("student", {})
     rows = []
@@ -379,7 +376,7 @@ def _comparison_rows(comparison: Mapping[str, Any]) -> list[dict[str, str]]:
         )
     for key, label, fmt, ratio_key in (
         ("parameters", "Parameters", _human_count, "parameter_ratio"),
-        ("size_bytes", "Size on disk", _human_bytes, "size_ratio"),
+        ("size_bytes", "Size on disk", format_bytes, "size_ratio"),
     ):
         if model.get(key) is not None:
             ratio = comparison.get(ratio_key)
@@ -461,11 +458,25 @@ def _eval_description(dataset_description: str | None, dataset_info: Mapping[str
     return text
 
 
-def _latency_setup(latency: Mapping[str, Any]) -> str:
-    shape = f"{latency.get('batch_size', '?')} sequences of {latency.get('sequence_length', '?')} tokens"
-    device = latency.get("device_name") or latency.get("device") or "the same device"
-    threads = f", {latency['torch_threads']} torch threads" if latency.get("torch_threads") else ""
-    return f"{shape} on {device}{threads}"
+def _latency_sentence(comparison: Mapping[str, Any]) -> str:
+    """How latency was measured, from what was recorded; a card never publishes a placeholder for what was not."""
+    if comparison.get("student", {}).get("latency_ms") is None:
+        return ""
+    latency = comparison.get("latency", {})
+    batch, length = latency.get("batch_size"), latency.get("sequence_length")
+    text = "Latency is the median time of one forward pass"
+    if batch is not None and length is not None:
+        text += f" over a batch of {batch} sequences of {length} tokens"
+    elif batch is not None:
+        text += f" over a batch of {batch} sequences"
+    elif length is not None:
+        text += f" over sequences of {length} tokens"
+    device = latency.get("device_name") or latency.get("device")
+    if device:
+        text += f" on {device}"
+    if latency.get("torch_threads"):
+        text += f" with {latency['torch_threads']} torch threads"
+    return text + ", measured in the same run for both models."
 
 
 def _default_intended_use(task: str, base_model: str | None) -> str:

@@ -179,14 +179,22 @@ def _count(value: float) -> str:
     return f"{value:,.0f}"
 
 
-def _bytes(value: int) -> str:
-    return f"{_count(value)}B" if value >= 1e3 else f"{value} B"
+def format_bytes(size: int) -> str:
+    """`size` in decimal units, the ones the Hub and `ls --si` use: `format_bytes(90_867_952) == "90.9 MB"`.
+
+    Every size hf-compress prints or writes (reports, model cards, the example's table, the benchmark) goes through
+    this one function, so one file never shows as two different numbers of "MB".
+    """
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
 
 
 # (label, value of a ModelSummary, how to show it): the rows of the report's summary table.
 _ROWS = (
     ("parameters", lambda s: s.parameters, "{:,}".format),
-    ("size on disk", lambda s: s.size_bytes, _bytes),
+    ("size on disk", lambda s: s.size_bytes, format_bytes),
     ("encoder FLOPs/token @ {seq_len} tokens", lambda s: s.flops_per_token, _count),
     ("layers", lambda s: s.num_layers, str),
     ("attention heads", lambda s: sum(s.heads_per_layer), "{:,}".format),
