@@ -60,6 +60,12 @@ class DistillationTrainingArguments(TrainingArguments):
     `alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(student, labels)
     + hidden_loss_weight * hidden_loss + attention_loss_weight * attention_loss`.
 
+    Evaluation reports the same weighted loss as `eval_loss` (without the L1 term), and each part as `eval_soft_loss`,
+    `eval_hard_loss`, `eval_hidden_loss` and `eval_attention_loss`, averaged over the whole evaluation set. With
+    `load_best_model_at_end=True` and no `metric_for_best_model`, the best checkpoint is the one with the lowest
+    `eval_loss`, which mixes agreement with the teacher and with the labels; set `metric_for_best_model="hard_loss"`
+    (the loss on the labels alone) or a metric of your `compute_metrics` (e.g. `"accuracy"`) to select on the labels.
+
     Args:
         temperature (`float`, *optional*, defaults to `2.0`):
             Softmax temperature `T > 0` of the soft targets. Higher values expose more of the teacher's "dark
@@ -73,7 +79,16 @@ class DistillationTrainingArguments(TrainingArguments):
             `"mse"` (TinyBERT) or `"cosine"` (`1 - cos`, DistilBERT).
         attention_loss_weight (`float`, *optional*, defaults to `0.0`):
             Weight of the KL between attention distributions of mapped layers (MiniLM / TinyBERT). `0` turns it off.
-            Needs the same number of heads in mapped layers and a student without attention dropout.
+            Needs a student without attention dropout. Layers are matched by their actual index, also in pruned
+            models, whose layers left with no heads return no attention: a mapped pair in which either layer has no
+            heads is left out of the attention loss (with a warning; the hidden-state loss still uses it), and a
+            mapping whose every pair is left out is refused.
+        attention_average_heads (`bool`, *optional*, defaults to `False`):
+            How the attention loss compares a pair of mapped layers. `False` compares head `h` with head `h`, so both
+            layers must have the same number of heads, counted in the modules (after any head pruning); a mismatch,
+            or a [`GradualStructuredPruningCallback`] (which removes student heads during training), is refused at
+            construction. `True` compares the distributions averaged over each layer's heads, which needs no equal
+            head counts and so works with head-pruned students and gradual pruning.
         layer_mapping (`dict[int, int]` or `str`, *optional*):
             Student layer -> teacher layer for the intermediate losses, as hidden-state indices: `0` is the embedding
             output, `i` the output of transformer layer `i`. A JSON string on the command line (`'{"1": 3, "2": 6}'`).
@@ -122,7 +137,16 @@ class DistillationTrainingArguments(TrainingArguments):
         default=0.0,
         metadata={
             "help": "Weight of the KL between attention distributions of mapped layers (MiniLM); 0 turns it off. "
-            "Needs equal head counts and no attention dropout in the student."
+            "Needs no attention dropout in the student, and equal head counts in mapped layers unless "
+            "attention_average_heads."
+        },
+    )
+    attention_average_heads: bool = field(
+        default=False,
+        metadata={
+            "help": "Compare head-averaged attention distributions in the attention loss, so mapped layers need not "
+            "have the same number of heads (head-pruned students, GradualStructuredPruningCallback). Default: head "
+            "by head, which refuses unequal head counts."
         },
     )
     layer_mapping: dict | str | None = field(
@@ -191,6 +215,16 @@ class DistillationTrainingArguments(TrainingArguments):
         if self.hidden_loss_type not in HIDDEN_LOSS_TYPES:
             raise ValueError(
                 f"hidden_loss_type={self.hidden_loss_type!r} is not supported; use one of {list(HIDDEN_LOSS_TYPES)}."
+            )
+        if not isinstance(self.attention_average_heads, bool):
+            raise ValueError(
+                f"attention_average_heads={self.attention_average_heads!r} must be True (compare head-averaged "
+                "attention) or False (compare head by head)."
+            )
+        if self.attention_average_heads and self.attention_loss_weight == 0:
+            logger.warning(
+                "attention_average_heads=True is unused because attention_loss_weight is 0; set attention_loss_weight "
+                "> 0 to distill attention."
             )
         if self.layer_mapping is not None:
             self.layer_mapping = _parse_layer_mapping(self.layer_mapping)

@@ -17,13 +17,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, Trainer, TrainerCallback
-from transformers.trainer_utils import TrainOutput
+from transformers.trainer_utils import EvalLoopOutput, TrainOutput
 from transformers.utils import ModelOutput, logging
 
 from .architectures import supported_model_types
 from .distillation_checks import (
+    _attention_pairs,
+    _attention_position,
     _check_compatible,
+    _check_gradual_pruning,
     _forward_arg_names,
+    _heads_per_layer,
     _is_regression,
     _load_teacher,
     _resolve_layer_mapping,
@@ -83,24 +87,40 @@ class DistillationTrainer(Trainer):
       batch has no labels). Regression heads (`num_labels == 1`) use the MSE to the teacher's prediction instead.
     - `hard` is the loss of the student's head with the labels (cross-entropy, or MSE for regression), exactly as the
       stock `Trainer` computes it, so `alpha=0` is plain fine-tuning.
-    - `hidden` and `attention` compare mapped layers (see `layer_mapping`); both are off by default.
+    - `hidden` and `attention` compare mapped layers (see `layer_mapping`); both are off by default. Layers are
+      matched by their index also in head-pruned models (whose layers without heads return no attention map); pairs
+      with such a layer are left out of the attention loss. Mapped layers must have equal head counts (read from the
+      modules, not the config) unless `attention_average_heads=True`, which compares head-averaged attention and is
+      required with a [`GradualStructuredPruningCallback`].
 
     The teacher is frozen, in eval mode, run without gradients, placed on the training device (and in bf16/fp16 when
     those are on), never wrapped for distributed training and never saved: checkpoints and `save_model` hold the
-    student only. With `teacher_cache_dir` set, `train()` runs the teacher once over the training set and training
-    batches read its outputs from that cache (`trainer.teacher_cache`, a [`TeacherCache`]) instead of running it.
+    student only. A teacher you pass as a model is modified *in place* (no copy, which would double its memory): it
+    stays in eval mode with `requires_grad=False` and on that device and dtype after training, so copy a student
+    from it *before* creating the trainer (or call `student.requires_grad_(True)`). A student with no trainable
+    parameter, or one that shares parameters with the teacher, is refused with a `ValueError`. With
+    `teacher_cache_dir` set, `train()` runs the teacher once over the training set and training batches read its
+    outputs from that cache (`trainer.teacher_cache`, a [`TeacherCache`]) instead of running it.
 
     The soft, hard, hidden and attention parts are logged as `soft_loss`, `hard_loss`, `hidden_loss` and
     `attention_loss` next to `loss`, averaged over the logging interval and over processes like it; with
     `l1_weight > 0` the training loss also holds `l1_weight * l1_penalty(student)`, logged as `l1_loss`.
+    Evaluation logs and returns them as `eval_soft_loss`, `eval_hard_loss`, ... averaged over the whole evaluation
+    set, next to `eval_loss`, which is the whole distillation loss (the stock mean over batches, without the L1 term).
+    `load_best_model_at_end` without `metric_for_best_model` therefore keeps the checkpoint with the lowest
+    distillation loss, closest to the teacher as much as to the labels; set `metric_for_best_model="hard_loss"` or a
+    `compute_metrics` metric such as `"accuracy"` to select on the labels.
 
     Args:
         model ([`~transformers.PreTrainedModel`], *optional*):
             The student, a sequence-classification, token-classification or masked-LM model. Either `model` or
             `model_init`.
         teacher_model ([`~transformers.PreTrainedModel`] or `str`):
-            The teacher, with the same head and number of labels (same vocabulary for token-level tasks), or a Hub id /
-            local path loaded with the student's Auto class and `args.teacher_model_init_kwargs`.
+            The teacher, with the same head and number of labels (same vocabulary for token-level tasks, at least the
+            student's for sequence classification), or a Hub id / local folder loaded with the student's Auto class
+            and `args.teacher_model_init_kwargs`; a checkpoint pruned by hf-compress is loaded with
+            [`load_compressed`] (its saved head) and the same keyword arguments. A string that looks like a path
+            (`./`, `../`, `/`, `~`, several separators) but is no folder is refused with a `ValueError` naming it.
         args ([`DistillationTrainingArguments`], *optional*):
             Training and distillation arguments; defaults to `DistillationTrainingArguments(output_dir="tmp_trainer")`.
         data_collator, train_dataset, eval_dataset, processing_class, model_init, compute_metrics, callbacks,
@@ -153,6 +173,7 @@ class DistillationTrainer(Trainer):
             raise ValueError("DistillationTrainer needs a teacher_model (a PreTrainedModel, Hub id or local path).")
         if args.teacher_cache_dir is not None:
             check_cacheable(train_dataset, data_collator)
+        _check_gradual_pruning(callbacks, args)
         # Check everything before the Trainer touches the student, so a bad pair leaves both models as they were.
         if model is not None:
             teacher_model = _load_teacher(teacher_model, model, args)
@@ -197,13 +218,21 @@ class DistillationTrainer(Trainer):
         if args.uses_intermediate_layers:
             self.layer_mapping = _resolve_layer_mapping(self.model, self.teacher_model, args)
             self.hidden_projections = self._build_projections()
-        self._attention_pairs = [(s, t) for s, t in self.layer_mapping.items() if s > 0 and t > 0]
+        # The teacher's structure never changes; the student's may (GradualStructuredPruningCallback), so its
+        # attention positions are looked up at every step.
+        self._teacher_heads = _heads_per_layer(self.teacher_model) if args.attention_loss_weight > 0 else None
+        self._attention_pairs: list[tuple[int, int]] = []
+        if args.attention_loss_weight > 0:
+            self._attention_pairs = _attention_pairs(self.model, self.teacher_model, self.layer_mapping)[0]
+        self._warned_attention_pairs: set[tuple[int, int]] = set()
 
         if args.l1_weight > 0:
             l1_penalty(self.model, include=args.l1_modules)  # unknown module patterns fail here, not mid-training
 
         self._loss_part_sums: dict[str, torch.Tensor] = {}
         self._loss_parts_logged_step = 0
+        # Per part: (sum over the evaluation set so far, number of items it averages over), see `evaluation_loop`.
+        self._eval_part_totals: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.add_callback(_DistillationCallback(self))
 
     # ---- Setup ----
@@ -222,9 +251,22 @@ class DistillationTrainer(Trainer):
 
     def _use_eager_attention(self, model: PreTrainedModel, role: str) -> None:
         """SDPA and flash attention return no attention probabilities; the attention loss needs them."""
+        if model.config._attn_implementation == "eager":
+            return
+        logger.info(f"Switching the {role} ({type(model).__name__}) to eager attention for the attention loss.")
+        model_class = type(model)
+        stock_class = getattr(model_class, "hf_compress_stock_class", None)
+        if stock_class is not None and not model_class._can_set_attn_implementation():
+            # A pruned twin runs its stock class's attention code, but transformers decides whether the attention can
+            # be switched from the source of the class's module (hf-compress's modeling file), and would only warn.
+            model_class._can_set_attn_implementation_cached_value = stock_class._can_set_attn_implementation()
+        model.set_attn_implementation("eager")
         if model.config._attn_implementation != "eager":
-            logger.info(f"Switching the {role} ({type(model).__name__}) to eager attention for the attention loss.")
-            model.set_attn_implementation("eager")
+            raise ValueError(
+                f"The attention loss needs attention probabilities, but the {role} ({type(model).__name__}) could not "
+                f"be switched from {model.config._attn_implementation!r} to eager attention; load it with "
+                "`attn_implementation='eager'` or set attention_loss_weight=0."
+            )
 
     def _prepare_student(self, model: PreTrainedModel) -> None:
         """The attention loss needs the student's attention probabilities, undropped."""
@@ -331,6 +373,8 @@ class DistillationTrainer(Trainer):
         The cache is prepared here rather than in `__init__` so that `model_init` and hyperparameter search see it
         too; a file that matches the teacher and training set is reused (see `DistillationTrainingArguments`).
         """
+        # Callbacks may have been added since construction (`add_callback`): check again before any step.
+        _check_gradual_pruning(self.callback_handler.callbacks, self.args)
         self.prepare_teacher_cache()
         return super().train(
             resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval
@@ -367,8 +411,12 @@ class DistillationTrainer(Trainer):
         check_cacheable(self.train_dataset, self.data_collator)
         args = self.args
         hidden_states = sorted(set(self.layer_mapping.values())) if args.hidden_loss_weight > 0 else []
-        # attentions[i - 1] belongs to transformer layer i
-        attentions = sorted({t - 1 for _, t in self._attention_pairs}) if args.attention_loss_weight > 0 else []
+        # Positions in the teacher's returned `attentions` (layers without heads return none, see `_attention_position`)
+        attentions = (
+            sorted({_attention_position(self._teacher_heads, t) for _, t in self._attention_pairs})
+            if args.attention_loss_weight > 0
+            else []
+        )
         dtype = getattr(torch, args.teacher_cache_dtype) if args.teacher_cache_dtype else None
         layout = CacheLayout(self._task.token_level, tuple(hidden_states), tuple(attentions), dtype)
 
@@ -460,11 +508,18 @@ class DistillationTrainer(Trainer):
         student_inputs = {k: v for k, v in inputs.items() if k in self._student_input_names}
         outputs = model(**student_inputs, **self._output_flags)
         teacher_outputs = self._teacher_outputs(inputs) if self._needs_teacher else None
-        parts = self._loss_parts(outputs, teacher_outputs, inputs, labels, items, examples)
+        student_heads = (
+            _heads_per_layer(self.accelerator.unwrap_model(model)) if self.args.attention_loss_weight > 0 else None
+        )
+        parts = self._loss_parts(outputs, teacher_outputs, inputs, labels, items, examples, student_heads)
 
+        scale = 1
         if num_items_in_batch is not None and self.args.average_tokens_across_devices and self.args.world_size > 1:
             # Each process divides its sum by the global count; undo the mean that DDP takes over the gradients.
-            parts = {name: value * self.accelerator.num_processes for name, value in parts.items()}
+            scale = self.accelerator.num_processes
+            parts = {name: value * scale for name, value in parts.items()}
+        if not model.training:
+            self._add_eval_parts(parts, inputs, items, examples, scale)
         weights = {
             "soft_loss": self.args.alpha,
             "hard_loss": 1.0 - self.args.alpha,
@@ -496,6 +551,7 @@ class DistillationTrainer(Trainer):
         labels: torch.Tensor | None,
         items: torch.Tensor | int | None,
         examples: torch.Tensor | None,
+        student_heads: tuple[int, ...] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Each part of the loss, unweighted, normalised by `items` (soft, hard) or `examples` (intermediate)."""
         logits = outputs.logits
@@ -505,7 +561,7 @@ class DistillationTrainer(Trainer):
                 parts["soft_loss"] = regression_loss(logits, teacher_outputs.logits, num_items_in_batch=items)
             if labels is not None:
                 parts["hard_loss"] = regression_loss(logits, labels, num_items_in_batch=items)
-            return self._intermediate_parts(outputs, teacher_outputs, inputs, examples, parts)
+            return self._intermediate_parts(outputs, teacher_outputs, inputs, examples, parts, student_heads)
 
         if labels is not None and labels.is_floating_point():
             raise ValueError(
@@ -525,7 +581,7 @@ class DistillationTrainer(Trainer):
                 parts["soft_loss"] = soft_kl_loss(logits, teacher_logits, temperature, mask, items)
         if labels is not None:
             parts["hard_loss"] = cross_entropy_loss(logits, labels, self.args.label_smoothing_factor, items)
-        return self._intermediate_parts(outputs, teacher_outputs, inputs, examples, parts)
+        return self._intermediate_parts(outputs, teacher_outputs, inputs, examples, parts, student_heads)
 
     def _intermediate_parts(
         self,
@@ -534,8 +590,13 @@ class DistillationTrainer(Trainer):
         inputs: dict[str, Any],
         examples: torch.Tensor | None,
         parts: dict[str, torch.Tensor],
+        student_heads: tuple[int, ...] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Add the hidden-state and attention losses, each averaged over the mapped layer pairs."""
+        """Add the hidden-state and attention losses, each averaged over the mapped layer pairs.
+
+        `student_heads` are the student's heads per layer now (`_heads_per_layer`), which place each layer's map in
+        its returned `attentions`.
+        """
         attention_mask = inputs.get("attention_mask")
         if self.args.hidden_loss_weight > 0:
             self._check_returned(outputs, teacher_outputs, "hidden_states")
@@ -553,18 +614,108 @@ class DistillationTrainer(Trainer):
             parts["hidden_loss"] = torch.stack(losses).mean()
         if self.args.attention_loss_weight > 0:
             self._check_returned(outputs, teacher_outputs, "attentions")
-            # attentions[i - 1] belongs to transformer layer i (hidden_states[i] is its output).
-            losses = [
-                attention_kl_loss(
-                    outputs.attentions[s - 1],
-                    teacher_outputs.attentions[t - 1].to(outputs.attentions[s - 1].device),
-                    attention_mask,
-                    examples,
+            self._check_attention_count(outputs, "student", student_heads)
+            if self.teacher_cache is None or not self.model.training:  # cached outputs hold the mapped layers only
+                self._check_attention_count(teacher_outputs, "teacher", self._teacher_heads)
+            losses = []
+            for s, t in self._attention_pairs:
+                # attentions[i] belongs to the i-th layer that has heads: layers pruned to no heads return no map.
+                student_index = _attention_position(student_heads, s)
+                if student_index is None:  # pruned away during training (GradualStructuredPruningCallback)
+                    if (s, t) not in self._warned_attention_pairs:
+                        self._warned_attention_pairs.add((s, t))
+                        logger.warning(
+                            f"Student layer {s} has no attention heads left: the attention loss leaves out the mapped "
+                            f"layers {s} -> {t} from now on."
+                        )
+                    continue
+                student_attention = outputs.attentions[student_index]
+                teacher_attention = teacher_outputs.attentions[_attention_position(self._teacher_heads, t)]
+                losses.append(
+                    attention_kl_loss(
+                        student_attention,
+                        teacher_attention.to(student_attention.device),
+                        attention_mask,
+                        examples,
+                        average_heads=self.args.attention_average_heads,
+                    )
                 )
-                for s, t in self._attention_pairs
-            ]
-            parts["attention_loss"] = torch.stack(losses).mean()
+            # Every mapped student layer pruned to no heads: there is no attention left to distill.
+            parts["attention_loss"] = (
+                torch.stack(losses).mean() if losses else outputs.logits.new_zeros((), dtype=torch.float32)
+            )
         return parts
+
+    def _add_eval_parts(
+        self,
+        parts: dict[str, torch.Tensor],
+        inputs: dict[str, Any],
+        items: torch.Tensor | int | None,
+        examples: torch.Tensor | None,
+        scale: int,
+    ) -> None:
+        """Accumulate each part's sum over this evaluation batch and the number of items it averages over.
+
+        Batches hold different numbers of examples (the last one) and of labelled tokens, so the evaluation set's
+        average is the sum of the parts' sums divided by the sum of the counts, not the mean of the batch averages.
+        """
+        local_items, local_rows = self._count_items(inputs)
+        for name, value in parts.items():
+            per_item = name in ("soft_loss", "hard_loss")
+            local = local_items if per_item else local_rows
+            # The count the part was divided by (this batch's own when none was passed); `scale` undoes the DDP factor.
+            divisor = items if per_item else examples
+            divisor = local if divisor is None else divisor
+            value = value.detach().float()
+            total = value * torch.as_tensor(divisor, device=value.device, dtype=torch.float32).clamp_min(1) / scale
+            count = torch.as_tensor(local, device=value.device, dtype=torch.float32)
+            previous = self._eval_part_totals.get(name)
+            self._eval_part_totals[name] = (
+                (total, count) if previous is None else (previous[0] + total, previous[1] + count)
+            )
+
+    def evaluation_loop(
+        self,
+        dataloader: DataLoader,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> EvalLoopOutput:
+        """`Trainer.evaluation_loop`, whose metrics also hold each part of the loss (`eval_soft_loss`, ...).
+
+        Each part is averaged over the whole evaluation set (and over processes) like in training: the soft and hard
+        losses over the labelled examples or tokens, the hidden-state and attention losses over the examples.
+        """
+        self._eval_part_totals = {}
+        output = super().evaluation_loop(
+            dataloader,
+            description,
+            prediction_loss_only=prediction_loss_only,
+            ignore_keys=ignore_keys,
+            metric_key_prefix=metric_key_prefix,
+        )
+        if self._eval_part_totals:
+            names = sorted(self._eval_part_totals)
+            local = torch.stack([torch.stack(self._eval_part_totals[name]) for name in names])  # (num_parts, 2)
+            totals = self.accelerator.gather(local[None]).sum(0)  # (num_processes, num_parts, 2) -> sum
+            for name, (total, count) in zip(names, totals.tolist(), strict=True):
+                output.metrics[f"{metric_key_prefix}_{name}"] = total / max(count, 1.0)
+        self._eval_part_totals = {}
+        return output
+
+    def _check_attention_count(self, output: ModelOutput, who: str, heads: tuple[int, ...] | None) -> None:
+        """Refuse to pair attention maps by position when the model returned fewer or more than its layers with heads
+        (e.g. a kernel that returns no probabilities): layers would silently be compared with the wrong ones."""
+        if heads is None:
+            return
+        expected = sum(1 for count in heads if count > 0)
+        if len(output.attentions) != expected:
+            raise ValueError(
+                f"The {who} returned {len(output.attentions)} attention maps, but has {expected} layers with attention "
+                f"heads (heads per layer: {list(heads)}); the attention loss needs one map per such layer, which "
+                "eager attention returns: `model.set_attn_implementation('eager')`."
+            )
 
     def _check_returned(self, outputs: ModelOutput, teacher_outputs: ModelOutput | None, name: str) -> None:
         fix = {

@@ -214,23 +214,35 @@ def attention_kl_loss(
     teacher_attentions: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     num_items_in_batch: torch.Tensor | int | None = None,
+    average_heads: bool = False,
 ) -> torch.Tensor:
     """KL(teacher || student) between attention distributions (MiniLM), averaged over heads, queries, examples.
 
+    By default head `h` of the student is compared with head `h` of the teacher, so both need the same number of
+    heads. With `average_heads=True` each side's distributions are first averaged over its heads (the mean of
+    distributions is a distribution: where the layer as a whole attends), so the head counts may differ, for example
+    once some of the student's heads have been pruned.
+
     Args:
         student_attentions: `(B, nh, L, L)` attention probabilities of one student layer (rows sum to 1).
-        teacher_attentions: `(B, nh, L, L)` attention probabilities of the mapped teacher layer.
+        teacher_attentions: `(B, nh', L, L)` attention probabilities of the mapped teacher layer (`nh' == nh` unless
+            `average_heads`).
         attention_mask: Optional `(B, L)` mask; padding queries do not count (padding keys have probability 0).
         num_items_in_batch: Divide the sum over examples by this instead of `B`.
+        average_heads: Compare the head-averaged distributions `(B, 1, L, L)` instead of head by head.
 
     Returns:
         A scalar tensor (float32).
     """
+    if average_heads:
+        # In float32, before the mean: bf16/fp16 sums of many heads lose precision.
+        student_attentions = student_attentions.float().mean(1, keepdim=True)  # (B, 1, L, L)
+        teacher_attentions = teacher_attentions.float().mean(1, keepdim=True)  # (B, 1, L, L)
     if student_attentions.shape != teacher_attentions.shape:
         raise ValueError(
             f"Student attentions of shape {tuple(student_attentions.shape)} cannot be compared with teacher "
             f"attentions of shape {tuple(teacher_attentions.shape)}: the attention loss needs the same number of heads "
-            "and the same sequence length."
+            "(or average_heads=True) and the same sequence length."
         )
     # Renormalise in float32: bf16/fp16 rows only sum to 1 approximately, which can make the KL slightly negative.
     student, teacher = (probs.float() for probs in (student_attentions, teacher_attentions))
