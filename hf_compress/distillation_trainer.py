@@ -254,12 +254,6 @@ class DistillationTrainer(Trainer):
         if model.config._attn_implementation == "eager":
             return
         logger.info(f"Switching the {role} ({type(model).__name__}) to eager attention for the attention loss.")
-        model_class = type(model)
-        stock_class = getattr(model_class, "hf_compress_stock_class", None)
-        if stock_class is not None and not model_class._can_set_attn_implementation():
-            # A pruned twin runs its stock class's attention code, but transformers decides whether the attention can
-            # be switched from the source of the class's module (hf-compress's modeling file), and would only warn.
-            model_class._can_set_attn_implementation_cached_value = stock_class._can_set_attn_implementation()
         model.set_attn_implementation("eager")
         if model.config._attn_implementation != "eager":
             raise ValueError(

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VOCAB_SIZE, tiny_model
+from conftest import VOCAB_SIZE, random_batch, tiny_model
 from datasets import Dataset
 
 from hf_compress import (
@@ -406,3 +406,15 @@ def test_evaluation_hard_loss_can_select_the_best_model(tmp_path):
     hard_losses = [entry["eval_hard_loss"] for entry in trainer.state.log_history if "eval_hard_loss" in entry]
     assert len(hard_losses) == 3
     assert trainer.state.best_metric == min(hard_losses)
+
+
+def test_pruned_twin_can_switch_to_eager_attention():
+    # transformers judges whether a class may switch attention from the source of its module; for a pruned twin that
+    # is hf-compress's modeling file, which used to make `set_attn_implementation("eager")` a silent no-op.
+    model = tiny_model("bert")
+    prune_heads(model, {0: [0]})
+    assert type(model).__module__.endswith("modeling_hf_compress")
+    model.set_attn_implementation("eager")
+    assert model.config._attn_implementation == "eager"
+    outputs = model(**{k: v for k, v in random_batch().items() if k != "labels"}, output_attentions=True)
+    assert outputs.attentions[0].shape[1] == 3

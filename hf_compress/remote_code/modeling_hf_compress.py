@@ -182,6 +182,13 @@ class HFCompressMixin:
             apply_structure(self, structure)
         super().post_init()
 
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # transformers decides whether `set_attn_implementation` may switch a class by reading the source of the
+        # class's module; for a twin that is this file (whose `EmptyAttention` defeats the check), but the attention
+        # code that runs is the stock class's, so its answer is the one that holds.
+        return cls.hf_compress_stock_class._can_set_attn_implementation()
+
 
 def auto_class_names(stock_class: type) -> dict[str, str]:
     """Auto class name -> stock class name, for every Auto class in `AUTO_CLASSES` that loads `stock_class`'s config."""
