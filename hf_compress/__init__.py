@@ -25,7 +25,7 @@ from .structured import (
     round_ffn_plan,
 )
 from .students import bert_to_distilbert, create_student, select_layers
-from .teacher_cache import TeacherCache
+from .teacher_cache import TeacherCache, TeacherCacheCorruptedError
 from .unstructured import SparsityReport, l1_penalty, magnitude_prune, make_permanent, sparsity_report
 
 __version__ = "0.1.0"
@@ -46,6 +46,7 @@ __all__ = [
     "PruningReport",
     "SparsityReport",
     "TeacherCache",
+    "TeacherCacheCorruptedError",
     "__version__",
     "apply_plan",
     "bert_to_distilbert",

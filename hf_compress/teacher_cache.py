@@ -14,18 +14,29 @@ two fingerprints: the teacher's (config, every weight's bytes and dtype, attenti
 are stored) and the training set's (its ordered example keys). Any change to either gives another file, so an
 existing file is always valid for the run that finds it. Per unique example it holds the logits, and when the
 intermediate losses are on the mapped teacher layers' hidden states and attention maps, at non-padding positions only,
-as flat arrays with offsets (`tokens` rows for example `i` are `token_offsets[i]:token_offsets[i + 1]`). The file is
-written through a temporary name and renamed when complete, so an interrupted build never leaves a file that looks
-valid, and it is read through memory maps, so gigabytes of hidden states are paged in on demand rather than loaded.
+as flat arrays with offsets (`tokens` rows for example `i` are `token_offsets[i]:token_offsets[i + 1]`). It is read
+through memory maps, so gigabytes of hidden states are paged in on demand rather than loaded.
+
+**Integrity.** The file carries a header checksum and a CRC-32 per block of about 256 KiB of every tensor
+(`hf_compress.mmap_safetensors`). Opening it checks the header and the whole key index (keys and offsets); every data
+block is checked the first time a lookup reads it. Damage found when `load_or_build` opens the file (header, index,
+truncation) makes it rebuild the file, with a warning; damage found in a data block during training raises
+`TeacherCacheCorruptedError` naming the file, tensor and block, and deletes the file so the next run rebuilds it.
+Files of an earlier format version (without checksums) are never opened: the version is part of the file name.
+
+**Interrupted builds.** The file is written under a temporary name, `<file>.<host>-<pid>.<random>.tmp`, and renamed
+when complete, so an interrupted build never leaves a file that looks valid. An exception or Ctrl-C removes the
+temporary file at once; a killed process (SIGKILL, out of memory, power loss) cannot, so every `load_or_build` removes
+the temporary files in its folder left by processes of this host that no longer run and hold no lock on them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import struct
+import re
+import socket
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -44,24 +55,39 @@ from transformers import (
 )
 from transformers.utils import ModelOutput, logging
 
+from .mmap_safetensors import MappedSafetensors, SafetensorsCorruptedError, SafetensorsWriter
+
+try:  # POSIX only; elsewhere stale temporary files are never removed (see `_remove_stale_temp_files`)
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
 logger = logging.get_logger(__name__)
 
 CACHE_FORMAT = "hf_compress.teacher_cache"
 # Bump when the key function or the file layout changes: it enters the teacher fingerprint, so old files are unused.
-CACHE_VERSION = 1
+# 2: block and header checksums (files of version 1 have none, so they are not trusted).
+CACHE_VERSION = 2
 KEY_BYTES = 16
-# safetensors dtype code and the numpy dtype a memory map reads it as (numpy has no bfloat16: its bits go as int16).
-_STORAGE = {
-    torch.float64: ("F64", np.float64),
-    torch.float32: ("F32", np.float32),
-    torch.float16: ("F16", np.float16),
-    torch.bfloat16: ("BF16", np.int16),
-    torch.int64: ("I64", np.int64),
-    torch.uint8: ("U8", np.uint8),
-}
-_TORCH_DTYPES = {code: dtype for dtype, (code, _) in _STORAGE.items()}
 CACHE_DTYPES = ("float32", "float16", "bfloat16")
 _NO_CACHE_FIX = "set teacher_cache_dir=None to run the teacher live on every batch"
+_INDEX_TENSORS = ("keys", "token_offsets", "attention_offsets")
+# `<file>.<host tag>-<pid>.<mkstemp's random part>.tmp`; the random part is letters, digits and underscores.
+_TEMP_NAME = re.compile(r"^(?P<final>.+\.safetensors)\.(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)\.[A-Za-z0-9_]+\.tmp$")
+# What version 1 wrote (`<file>.<random>.tmp`, no owner in the name): reported, never removed.
+_LEGACY_TEMP_NAME = re.compile(r"^.+\.safetensors\.[a-z0-9_]{8}\.tmp$")
+
+
+class TeacherCacheCorruptedError(SafetensorsCorruptedError):
+    """A teacher cache file's bytes are not the ones written (damaged on disk, truncated or modified); a `ValueError`.
+
+    Attributes:
+        reason: What failed its check (file, tensor, block), without the advice on how to recover.
+    """
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
@@ -241,56 +267,82 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.repeat(starts - (ends - lengths), lengths) + np.arange(ends[-1] if len(ends) else 0)
 
 
-# ---- A safetensors file written and read through memory maps ----
+# ---- Temporary files of builds ----
 
 
-def _create_safetensors(
-    path: str, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str]
-) -> dict[str, np.ndarray]:
-    """Lay out a safetensors file of the given tensors and return a writable memory map of each.
+def _host_tag() -> str:
+    """8 hex digits naming this machine in temporary file names: a PID means nothing on another host of a shared disk."""
+    return hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
 
-    safetensors' own writer needs every tensor in memory at once; this lets each batch's outputs go straight to disk.
+
+def _process_alive(pid: int) -> bool:
+    """Whether process `pid` of this host exists (a zombie counts: its parent has not collected it yet)."""
+    if os.name != "posix":  # os.kill(pid, 0) terminates the process on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: another user's live process
+        return True
+    return True
+
+
+def _create_temp_file(path: str) -> tuple[int, str]:
+    """Create and exclusively lock the temporary file of a build of `path`; returns its descriptor and path.
+
+    The name holds this host and process, so a later build can tell that the process is gone; the `flock`, held until
+    the descriptor is closed, guards a live build whose PID the cleaner cannot see (another PID namespace). On NFS,
+    where Linux emulates `flock` with POSIX locks that any `close` of the file by the process releases (the memory
+    maps open and close it), only the host and PID check protects a live build.
     """
-    header: dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
-    for name, (dtype, shape) in specs.items():
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        header[name] = {"dtype": _STORAGE[dtype][0], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
-    header_bytes += b" " * (-len(header_bytes) % 8)  # 8-byte aligned data, as safetensors' own writer pads it
-    with open(path, "wb") as file:
-        file.write(struct.pack("<Q", len(header_bytes)))
-        file.write(header_bytes)
-        file.truncate(8 + len(header_bytes) + offset)
-    arrays, _ = _map_tensors(path, header, 8 + len(header_bytes), mode="r+")
-    return arrays
+    handle, temp_path = tempfile.mkstemp(
+        dir=os.path.dirname(path), prefix=f"{os.path.basename(path)}.{_host_tag()}-{os.getpid()}.", suffix=".tmp"
+    )
+    if fcntl is not None:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle, temp_path
 
 
-def _read_safetensors(path: str) -> tuple[dict[str, str], dict[str, np.ndarray], dict[str, torch.dtype]]:
-    """The metadata, a read-only memory map and the torch dtype of every tensor of a safetensors file."""
-    with open(path, "rb") as file:
-        (header_size,) = struct.unpack("<Q", file.read(8))
-        header = json.loads(file.read(header_size))
-    arrays, dtypes = _map_tensors(path, header, 8 + header_size, mode="r")
-    return header.get("__metadata__", {}), arrays, dtypes
+def _remove_stale_temp_files(cache_dir: str) -> None:
+    """Remove the temporary files in `cache_dir` of builds that were killed (their process is gone), and only those.
 
-
-def _map_tensors(
-    path: str, header: dict[str, Any], data_start: int, mode: str
-) -> tuple[dict[str, np.ndarray], dict[str, torch.dtype]]:
-    arrays, dtypes = {}, {}
-    for name, entry in header.items():
-        if name == "__metadata__":
+    A file is removed only when it names this host, its process no longer runs, and no one holds its lock, so a
+    concurrent build of another process (of any cache, on any host) keeps its file.
+    """
+    if fcntl is None:
+        return
+    legacy = []
+    for entry in os.scandir(cache_dir):
+        match = _TEMP_NAME.match(entry.name)
+        if match is None:
+            if _LEGACY_TEMP_NAME.match(entry.name):
+                legacy.append(entry.name)
             continue
-        dtypes[name] = _TORCH_DTYPES[entry["dtype"]]
-        numpy_dtype = _STORAGE[dtypes[name]][1]
-        shape, (start, end) = tuple(entry["shape"]), entry["data_offsets"]
-        if end == start:  # numpy cannot map zero bytes
-            arrays[name] = np.zeros(shape, dtype=numpy_dtype)
-        else:
-            arrays[name] = np.memmap(path, dtype=numpy_dtype, mode=mode, offset=data_start + start, shape=shape)
-    return arrays, dtypes
+        if match["host"] != _host_tag() or _process_alive(int(match["pid"])):
+            continue
+        try:
+            handle = os.open(entry.path, os.O_RDONLY)
+        except FileNotFoundError:  # removed meanwhile by another process's cleanup
+            continue
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            size = os.fstat(handle).st_size
+            os.remove(entry.path)
+        except (BlockingIOError, FileNotFoundError):  # held by a live build, or removed meanwhile
+            continue
+        finally:
+            os.close(handle)
+        logger.warning(
+            f"Removed {entry.path} ({size} bytes), the temporary file of a teacher cache build by process "
+            f"{match['pid']} of this host, which was killed before it finished."
+        )
+    if legacy:
+        logger.warning(
+            f"{cache_dir} holds temporary files of teacher cache builds by an earlier hf-compress version "
+            f"({', '.join(sorted(legacy))}); they are not used and cannot be told apart from a build still running, "
+            "so they are kept: delete them once no older hf-compress is building a cache there."
+        )
 
 
 # ---- The cache ----
@@ -320,10 +372,39 @@ class TeacherCache:
     """
 
     def __init__(self, path: str, input_names: Iterable[str], built: bool = False):
-        metadata, arrays, dtypes = _read_safetensors(path)
-        if metadata.get("format") != CACHE_FORMAT or metadata.get("version") != str(CACHE_VERSION):
-            raise ValueError(f"{path} is not an hf-compress teacher cache of version {CACHE_VERSION}.")
+        """Open a cache file, checking its header and key index.
+
+        Args:
+            path: The cache file.
+            input_names: The inputs the teacher takes; the example keys hash these.
+            built: Whether the teacher just ran to write the file.
+
+        Raises:
+            TeacherCacheCorruptedError: when the file is truncated, or its header or key index fails its checksum.
+            ValueError: when the file is not a teacher cache of this format version.
+        """
         self.path = path
+        try:
+            file = MappedSafetensors(path)
+        except SafetensorsCorruptedError as error:
+            raise self._corrupted(error) from None
+        metadata = file.metadata
+        if metadata.get("format") != CACHE_FORMAT or metadata.get("version") != str(CACHE_VERSION):
+            raise ValueError(
+                f"{path} is not an hf-compress teacher cache of version {CACHE_VERSION} (its format and version: "
+                f"{metadata.get('format')!r}, {metadata.get('version')!r})."
+            )
+        if not file.checksummed:  # this version always writes them: the header lost them
+            raise self._corrupted(SafetensorsCorruptedError(f"{path} has no checksums."))
+        # The whole index is read into memory below, so it is checked in full now: a damaged key must not later look
+        # like an input the cache does not hold.
+        try:
+            for name in _INDEX_TENSORS:
+                file.verify_tensor(name)
+        except SafetensorsCorruptedError as error:
+            raise self._corrupted(error) from None
+        self._file = file
+        self._inode = os.stat(path).st_ino  # to delete this file, not a rebuilt one, if a data block is damaged
         self.built = built
         self.teacher_fingerprint = metadata["teacher_fingerprint"]
         self.data_fingerprint = metadata["data_fingerprint"]
@@ -331,12 +412,44 @@ class TeacherCache:
         self._layout = json.loads(metadata["layout"])
         self._num_hidden_states = int(metadata["num_hidden_states"])
         self._num_attentions = int(metadata["num_attentions"])
-        self._arrays, self._dtypes = arrays, dtypes
-        keys = arrays["keys"].tobytes()
+        self._arrays, self._dtypes = file.arrays, file.dtypes
+        keys = file.arrays["keys"].tobytes()
         self.num_examples = len(keys) // KEY_BYTES
         self._index = {keys[i * KEY_BYTES : (i + 1) * KEY_BYTES]: i for i in range(self.num_examples)}
-        self._token_offsets = np.asarray(arrays["token_offsets"])
-        self._attention_offsets = np.asarray(arrays["attention_offsets"])
+        self._token_offsets = np.asarray(file.arrays["token_offsets"])
+        self._attention_offsets = np.asarray(file.arrays["attention_offsets"])
+
+    def _corrupted(self, error: SafetensorsCorruptedError, deleted: bool = False) -> TeacherCacheCorruptedError:
+        """`error` as a `TeacherCacheCorruptedError` that says how to recover."""
+        if deleted:
+            fix = "The file was deleted: the next run (`train()` or `prepare_teacher_cache()`) rebuilds it."
+        else:
+            fix = f"Delete {self.path}; the next run (`train()` or `prepare_teacher_cache()`) rebuilds it."
+        return TeacherCacheCorruptedError(
+            f"The teacher cache is damaged: {error} Its outputs cannot be trusted as distillation targets. {fix} If "
+            "cache files keep getting damaged, check the disk (or set teacher_cache_dir=None to run the teacher live).",
+            reason=str(error),
+        )
+
+    def _verify(self, name: str, starts: np.ndarray, stops: np.ndarray) -> None:
+        """Check the blocks of tensor `name` that rows `starts[i]:stops[i]` sit in; on damage delete the file and raise."""
+        try:
+            self._file.verify_rows(name, starts, stops)
+        except SafetensorsCorruptedError as error:
+            raise self._corrupted(error, deleted=self._delete()) from None
+
+    def _delete(self) -> bool:
+        """Delete the damaged file, unless its path now names another file (rebuilt meanwhile by another process)."""
+        try:
+            if os.stat(self.path).st_ino != self._inode:
+                return False
+            os.remove(self.path)
+        except FileNotFoundError:  # another process of the run found the damage first
+            return True
+        except OSError:
+            return False
+        logger.warning(f"Deleted the damaged teacher cache {self.path}.")
+        return True
 
     def __repr__(self) -> str:
         return f"TeacherCache(path={self.path!r}, num_examples={self.num_examples}, layout={self._layout})"
@@ -352,6 +465,8 @@ class TeacherCache:
             A `CachedTeacherOutput` indexed like the live teacher's output.
 
         Raises:
+            TeacherCacheCorruptedError: when a block of the file read for this batch fails its checksum (the file is
+                then deleted, so that the next run rebuilds it).
             ValueError: when a row's inputs are not in the cache (the collator or a dataset transform changed them).
         """
         keys, valid = _example_keys(inputs, self.input_names)
@@ -359,6 +474,12 @@ class TeacherCache:
         for row, key in enumerate(keys):
             index = self._index.get(key)
             if index is None:
+                # The index was checked when the file was opened; check the keys on disk again before blaming the
+                # inputs, since a file changed under a running job is a damaged file, not a changed collator.
+                try:
+                    self._file.verify_tensor("keys", force=True)
+                except SafetensorsCorruptedError as error:
+                    raise self._corrupted(error, deleted=self._delete()) from None
                 raise ValueError(
                     f"Row {row} of this training batch is not in the teacher cache {self.path}: its inputs differ "
                     "from every example the cache was built from, so the data collator or a dataset transform changes "
@@ -368,21 +489,28 @@ class TeacherCache:
             rows[row] = index
         layout = self._layout
         valid_mask = torch.from_numpy(valid)  # (B, L)
-        token_rows = _ranges(self._token_offsets[rows], valid.sum(1))  # the stored rows of every valid position
+        token_starts, counts = self._token_offsets[rows], valid.sum(1)
+        token_rows = _ranges(token_starts, counts)  # the stored rows of every valid position
 
+        # Every block this batch reads is checked before its values are used (each block once per opened file).
+        token_stops = token_starts + counts
         if layout["token_level"]:
+            self._verify("logits", token_starts, token_stops)
             logits = self._per_position("logits", token_rows, valid_mask)  # (B, L, C)
         else:
+            self._verify("logits", rows, rows + 1)
             logits = _to_torch(self._arrays["logits"][rows], self._dtypes["logits"])  # (B, C)
         output = CachedTeacherOutput(logits=logits.to(device))
         if layout["hidden_states"]:
             hidden_states = [None] * self._num_hidden_states
             for index in layout["hidden_states"]:
+                self._verify(f"hidden_states.{index}", token_starts, token_stops)
                 hidden_states[index] = self._per_position(f"hidden_states.{index}", token_rows, valid_mask).to(device)
             output.hidden_states = tuple(hidden_states)
         if layout["attentions"]:
             attentions = [None] * self._num_attentions
             for index in layout["attentions"]:
+                self._verify(f"attentions.{index}", self._attention_offsets[rows], self._attention_offsets[rows + 1])
                 attentions[index] = self._attention(f"attentions.{index}", rows, valid_mask).to(device)
             output.attentions = tuple(attentions)
         return output
@@ -436,6 +564,9 @@ class TeacherCache:
         Returns:
             The opened `TeacherCache`; its `built` says whether the teacher had to run.
 
+        Before anything else it removes the temporary files of killed builds in `cache_dir` (see the module
+        docstring). A file that fails its header or index checks is deleted and rebuilt, with a warning.
+
         Raises:
             ValueError: for an empty training set, or when two in-order passes give different teacher inputs.
         """
@@ -450,11 +581,19 @@ class TeacherCache:
         data_digest = hashlib.blake2b(b"".join(keys), digest_size=32).hexdigest()
         teacher_digest = teacher_fingerprint(teacher, layout)
         os.makedirs(cache_dir, exist_ok=True)
+        _remove_stale_temp_files(cache_dir)
         path = os.path.join(cache_dir, f"{teacher_digest[:16]}-{data_digest[:16]}.safetensors")
         if os.path.isfile(path):
             try:
                 cache = cls(path, input_names)
-            except (ValueError, KeyError, OSError, struct.error) as error:  # JSONDecodeError is a ValueError
+            except TeacherCacheCorruptedError as error:
+                # Found before training: rebuilding costs one teacher pass, and a damaged file is worth nothing.
+                logger.warning(f"Deleting and rebuilding the teacher cache {path}, which is damaged: {error.reason}")
+                try:
+                    os.remove(path)
+                except FileNotFoundError:  # removed meanwhile by another process
+                    pass
+            except (ValueError, KeyError, OSError) as error:  # JSONDecodeError is a ValueError
                 logger.warning(f"Rebuilding the teacher cache {path}, which cannot be read ({error}).")
             else:
                 if (cache.teacher_fingerprint, cache.data_fingerprint) == (teacher_digest, data_digest):
@@ -496,7 +635,8 @@ class _Builder:
         self.token_offsets = np.concatenate([[0], np.cumsum(self.counts)])
         self.attention_offsets = np.zeros(len(self.counts) + 1, dtype=np.int64)  # set once the head count is known
         self.filled = np.zeros(len(self.counts), dtype=bool)
-        self.arrays: dict[str, np.ndarray] | None = None
+        self.writer: SafetensorsWriter | None = None
+        self.arrays: dict[str, np.ndarray] | None = None  # the writer's maps
 
     def write(
         self,
@@ -506,10 +646,7 @@ class _Builder:
         show_progress: bool,
     ) -> None:
         """Write the cache to a temporary file beside `path` and rename it to `path` once complete."""
-        handle, temp_path = tempfile.mkstemp(
-            dir=os.path.dirname(path), prefix=os.path.basename(path) + ".", suffix=".tmp"
-        )
-        os.close(handle)
+        handle, temp_path = _create_temp_file(path)
         try:
             position = 0
             for batch in tqdm(batches, desc="Caching teacher outputs", disable=not show_progress):
@@ -527,7 +664,7 @@ class _Builder:
                     continue
                 with torch.inference_mode():
                     outputs = teacher_forward(batch)
-                if self.arrays is None:
+                if self.writer is None:
                     self._allocate(temp_path, outputs)
                 self._write_batch(outputs, valid, rows, todo)
             if position != len(self.keys):
@@ -535,17 +672,17 @@ class _Builder:
                     f"The second pass over the training set gave {position} examples instead of {len(self.keys)}; it "
                     f"must give the same examples in every pass, or {_NO_CACHE_FIX}."
                 )
-            for array in self.arrays.values():
-                if isinstance(array, np.memmap):
-                    array.flush()
-            self.arrays = None  # unmap before the rename
-            with open(temp_path, "rb+") as file:
-                os.fsync(file.fileno())  # the data is on disk before the name says the file is complete
+            self.writer.finish()  # checksums, then fsync: the data is on disk before the name says it is complete
+            self.writer = self.arrays = None
             os.replace(temp_path, path)
         except BaseException:  # KeyboardInterrupt included: never leave a partial file behind
-            self.arrays = None
+            if self.writer is not None:
+                self.writer.close()
+            self.writer = self.arrays = None
             os.remove(temp_path)
             raise
+        finally:
+            os.close(handle)  # releases the lock only now, after the rename or removal
 
     def _first_occurrences(self, rows: np.ndarray) -> np.ndarray:
         """Which batch rows hold an example whose outputs are not written yet (the first of repeats in the batch)."""
@@ -589,7 +726,8 @@ class _Builder:
         self.metadata["layout"] = json.dumps({**layout.describe(), "num_heads": num_heads})
         self.metadata["num_hidden_states"] = str(len(outputs.hidden_states or ()))
         self.metadata["num_attentions"] = str(len(outputs.attentions or ()))
-        self.arrays = _create_safetensors(path, specs, self.metadata)
+        self.writer = SafetensorsWriter(path, specs, self.metadata)
+        self.arrays = self.writer.arrays
         self.arrays["keys"][:] = np.frombuffer(b"".join(self.row_of), dtype=np.uint8).reshape(num_rows, KEY_BYTES)
         self.arrays["token_offsets"][:] = self.token_offsets
         self.arrays["attention_offsets"][:] = self.attention_offsets
