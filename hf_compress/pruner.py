@@ -23,6 +23,7 @@ import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from numbers import Real
 from typing import Any
 
 import torch
@@ -168,6 +169,20 @@ def make_plan(
     }
 
 
+# (path of keys, type) of every field of a plan that `_check_plan` reads.
+_PLAN_FIELDS = (
+    (("model_type",), str),
+    (("structure", "heads"), list),
+    (("structure", "ffn"), list),
+    (("remove", "heads"), Mapping),
+    (("remove", "ffn"), Mapping),
+    (("remove", "layers"), list),
+    (("scales", "heads"), Mapping),
+    (("scales", "ffn"), Mapping),
+)
+_KIND_NAMES = {str: "string", list: "list", Mapping: "dict (JSON object)"}
+
+
 def _int_keys(mapping: Mapping[str, Any], what: str, num_layers: int) -> dict[int, Any]:
     result = {}
     for key, value in mapping.items():
@@ -179,11 +194,22 @@ def _int_keys(mapping: Mapping[str, Any], what: str, num_layers: int) -> dict[in
 
 def _check_plan(model: PreTrainedModel, plan: Mapping[str, Any]):
     """Validate the whole plan against `model` before anything is changed; return it with integer layer keys."""
+    if not isinstance(plan, Mapping):
+        raise ValueError(f"A pruning plan is a dict (a JSON object), not {type(plan).__name__}.")
     if plan.get("format") != PLAN_FORMAT or plan.get("version") != PLAN_VERSION:
         raise ValueError(
             f"Not an hf-compress pruning plan of version {PLAN_VERSION} (format={plan.get('format')!r}, "
             f"version={plan.get('version')!r}); make one with `prune` or `make_plan`."
         )
+    for keys, kind in _PLAN_FIELDS:
+        value = plan
+        for key in keys:
+            value = value.get(key) if isinstance(value, Mapping) else None
+        if not isinstance(value, kind):
+            raise ValueError(
+                f"The plan's {'.'.join(keys)} is missing or not a {_KIND_NAMES[kind]}; the plan is damaged. Make it "
+                "again with `prune` or `make_plan`."
+            )
     structure = get_structure(model)
     expected = {"heads": list(structure.heads), "ffn": list(structure.ffn)}
     if plan["model_type"] != model.config.model_type or plan["structure"] != expected:
@@ -198,8 +224,12 @@ def _check_plan(model: PreTrainedModel, plan: Mapping[str, Any]):
     counts = {"heads": structure.heads, "ffn": structure.ffn}
     for kind in ("heads", "ffn"):
         for layer, indices in remove[kind].items():
-            if len(set(indices)) != len(indices) or not all(
-                isinstance(i, int) and 0 <= i < counts[kind][layer] for i in indices
+            if (
+                not isinstance(indices, (list, tuple))
+                or len(set(indices)) != len(indices)
+                or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and 0 <= i < counts[kind][layer] for i in indices
+                )
             ):
                 raise ValueError(
                     f"The plan removes {kind} {indices} from layer {layer}, which has {counts[kind][layer]} "
@@ -207,6 +237,12 @@ def _check_plan(model: PreTrainedModel, plan: Mapping[str, Any]):
                 )
         for layer, values in scales[kind].items():
             kept = counts[kind][layer] - len(remove[kind].get(layer, []))
+            if not isinstance(values, (list, tuple)) or not all(
+                isinstance(v, Real) and not isinstance(v, bool) for v in values
+            ):
+                raise ValueError(
+                    f"The plan's {kind} scales for layer {layer} must be a list of numbers, not {values!r}."
+                )
             if len(values) != kept:
                 raise ValueError(
                     f"The plan has {len(values)} {kind} scales for layer {layer}, which keeps {kept}; one per kept unit."

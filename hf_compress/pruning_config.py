@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
+from numbers import Integral, Real
 from typing import Any
 
 from .importance import IMPORTANCE_METHODS, LAYER_IMPORTANCE_METHODS
@@ -13,7 +15,7 @@ SCOPES = ("global", "layer")
 
 @dataclass
 class PruningConfig:
-    """What `prune` (and `GradualPruningCallback`) should remove.
+    """What `prune` (and `GradualStructuredPruningCallback`) should remove.
 
     The budget counts the *prunable* cost of the encoder layers: attention heads (their q/k/v/output projection
     weights and, for FLOPs, their attention-score computation at `seq_len` tokens) and FFN neurons (up and down
@@ -46,6 +48,10 @@ class PruningConfig:
         round_to: Keep FFN widths at multiples of this (default 8; 1 disables rounding). Odd widths run slower per
             FLOP: on the SST-2 MiniLM-L6 teacher pruned to 1/4 of its FLOPs (batch 32 x 128, 2 CPU threads) the
             speed-up was 3.76x with `round_to=1` and 4.03x with 8. A layer that loses nothing keeps its width.
+
+    Raises:
+        ValueError: on creation, for any value of the wrong type or out of range (e.g. `keep="0.5"` or
+            `keep=None`), naming the value and what is valid.
 
     Example:
     ```python
@@ -87,51 +93,74 @@ class PruningConfig:
     round_to: int = field(default=8, metadata={"help": "Keep FFN widths at multiples of this (1: no rounding)."})
 
     def __post_init__(self) -> None:
-        if self.target not in TARGETS:
-            raise ValueError(f"target={self.target!r} is not supported; choose one of {', '.join(TARGETS)}.")
-        if self.importance not in IMPORTANCE_METHODS:
+        # Every bad value, of any type, is a ValueError naming the value and what is valid.
+        for name, choices in (
+            ("target", TARGETS),
+            ("importance", IMPORTANCE_METHODS),
+            ("layer_importance", LAYER_IMPORTANCE_METHODS),
+            ("scope", SCOPES),
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, str) or value not in choices:
+                raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(choices)}.")
+        if not _is_real(self.keep) or not 0 < self.keep <= 1:
+            kind = "" if _is_real(self.keep) else f"a number (not {type(self.keep).__name__}) "
             raise ValueError(
-                f"importance={self.importance!r} is not supported; choose one of {', '.join(IMPORTANCE_METHODS)}."
+                f"keep={self.keep!r} must be {kind}in (0, 1]: the fraction of FLOPs or parameters to keep, e.g. 0.6."
             )
-        if self.layer_importance not in LAYER_IMPORTANCE_METHODS:
+        self.keep = float(self.keep)
+        for name, meaning in (("seq_len", "tokens per sequence"), ("round_to", "1 disables rounding")):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer ({meaning}).")
+            setattr(self, name, int(value))
+        if self.num_batches is not None:
+            if not _is_int(self.num_batches) or self.num_batches < 1:
+                raise ValueError(f"num_batches={self.num_batches!r} must be a positive integer or None (all batches).")
+            self.num_batches = int(self.num_batches)
+        if not _is_real(self.rescale_damping) or not 0 <= self.rescale_damping < math.inf:
             raise ValueError(
-                f"layer_importance={self.layer_importance!r} is not supported; choose one of "
-                f"{', '.join(LAYER_IMPORTANCE_METHODS)}."
+                f"rescale_damping={self.rescale_damping!r} must be a finite number >= 0 (0 disables damping)."
             )
-        if self.scope not in SCOPES:
-            raise ValueError(f"scope={self.scope!r} is not supported; choose one of {', '.join(SCOPES)}.")
-        if not 0 < self.keep <= 1:
-            raise ValueError(f"keep={self.keep} must be in (0, 1]: the fraction of FLOPs or parameters to keep.")
-        if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 1:
-            raise ValueError(f"seq_len={self.seq_len!r} must be a positive integer (tokens per sequence).")
-        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
-            raise ValueError(f"round_to={self.round_to!r} must be a positive integer (1 disables rounding).")
-        if self.num_batches is not None and (not isinstance(self.num_batches, int) or self.num_batches < 1):
-            raise ValueError(f"num_batches={self.num_batches!r} must be a positive integer or None (all batches).")
-        if self.rescale_damping < 0:
-            raise ValueError(f"rescale_damping={self.rescale_damping} must be >= 0 (0 disables damping).")
+        self.rescale_damping = float(self.rescale_damping)
+        for name in ("uniform", "rescale"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}={value!r} must be True or False.")
         for name, upper, closed in (("head_ratio", 1, True), ("ffn_ratio", 1, False)):
             value = getattr(self, name)
             if value is None:
                 continue
+            bracket = "]" if closed else ")"
+            if not _is_real(value) or not (0 <= value <= upper if closed else 0 <= value < upper):
+                kind = "" if _is_real(value) else f"None or a number (not {type(value).__name__}) "
+                raise ValueError(
+                    f"{name}={value!r} must be {kind}in [0, {upper}{bracket}: the fraction of units to remove."
+                )
+            value = float(value)
+            setattr(self, name, value)
             if self.target != "ratios":
                 raise ValueError(
                     f"{name}={value} only applies with target='ratios' (target is {self.target!r}); set "
                     f"target='ratios' or leave {name} unset and use keep."
                 )
-            if not (0 <= value <= upper if closed else 0 <= value < upper):
-                bracket = "]" if closed else ")"
-                raise ValueError(f"{name}={value} must be in [0, {upper}{bracket}: the fraction of units to remove.")
-        if isinstance(self.layers, bool):
-            raise ValueError(f"layers={self.layers!r} must be a number of layers or a list of layer indices.")
-        if isinstance(self.layers, int) and self.layers < 0:
-            raise ValueError(f"layers={self.layers} must be >= 0 (the number of least important layers to remove).")
+        layers_help = "a number of layers (e.g. 2), a list of layer indices (e.g. [1, 3]) or None"
+        if isinstance(self.layers, bool) or not (
+            self.layers is None or isinstance(self.layers, (Integral, list, tuple))
+        ):
+            raise ValueError(f"layers={self.layers!r} must be {layers_help}.")
+        if isinstance(self.layers, Integral):
+            if self.layers < 0:
+                raise ValueError(
+                    f"layers={self.layers} must be >= 0 (the number of least important layers to remove)."
+                )
+            self.layers = int(self.layers)
         if isinstance(self.layers, (list, tuple)):
-            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers):
-                raise ValueError(f"layers={self.layers!r} must hold non-negative layer indices.")
+            if not all(_is_int(i) and i >= 0 for i in self.layers):
+                raise ValueError(f"layers={self.layers!r} must hold non-negative integer layer indices, e.g. [1, 3].")
             if len(set(self.layers)) != len(self.layers):
                 raise ValueError(f"layers={self.layers!r} lists a layer more than once.")
-            self.layers = sorted(self.layers)
+            self.layers = sorted(int(i) for i in self.layers)
         if self.target == "ratios" and not (self.head_ratio or self.ffn_ratio or self.layers):
             raise ValueError(
                 "target='ratios' needs at least one of head_ratio, ffn_ratio or layers, e.g. "
@@ -146,3 +175,13 @@ class PruningConfig:
     def to_dict(self) -> dict[str, Any]:
         """The config as a JSON-serialisable dict."""
         return asdict(self)
+
+
+def _is_int(value: Any) -> bool:
+    """An integer (Python or NumPy), not a bool."""
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    """A real number (Python or NumPy), not a bool; NaN fails every range check that uses it."""
+    return isinstance(value, Real) and not isinstance(value, bool)

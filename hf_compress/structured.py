@@ -224,17 +224,25 @@ def round_ffn_plan(
 ) -> dict[int, list[int]]:
     """Round an FFN pruning plan so the kept widths suit plain checkpoints and fast kernels.
 
-    With `uniform=True` every layer keeps the same number of neurons (the plan's mean kept width), so a model pruned
-    with the result, and with no heads removed, saves as a plain stock checkpoint. With `multiple_of`, kept widths are
-    rounded to the nearest multiple (8 or 64 suit GPU matrix kernels), never above a layer's current width; a layer
-    the plan leaves whole stays whole unless `uniform` asks otherwise. The plan changes as little as possible: a
-    layer that must lose more neurons than planned loses the lowest-scored of the others, and one that must lose fewer
-    keeps the highest-scored of the planned ones.
+    With `multiple_of`, kept widths are rounded to the nearest multiple (8 or 64 suit GPU matrix kernels), never above
+    a layer's current width; a layer the plan leaves whole (or does not name) stays whole.
+
+    With `uniform=True` every layer keeps the same number of neurons, so a model pruned with the result, and with no
+    heads removed, saves as a plain stock checkpoint. That common width is the mean kept width of *all* layers
+    (rounded to `multiple_of`, and no wider than the narrowest layer), so it changes layers beyond those the plan
+    removes neurons from: a layer must lose neurons to reach it even if the plan removes none there. So that this
+    never happens by accident, a uniform plan must name every layer: a plan that leaves a layer out raises a
+    `ValueError`. List such a layer with an empty list (`{2: []}`) to say it takes part in the mean and may be cut to
+    the common width, or use `uniform=False` to round only the layers the plan names.
+
+    The plan changes as little as possible: a layer that must lose more neurons than planned loses the lowest-scored
+    of the others, and one that must lose fewer keeps the highest-scored of the planned ones.
 
     Args:
         model: The model the plan is for (its current FFN widths).
-        neurons_to_prune: Layer index -> FFN neuron indices to remove, as for `prune_ffn_neurons`.
-        uniform: Give every layer the same FFN width.
+        neurons_to_prune: Layer index -> FFN neuron indices to remove, as for `prune_ffn_neurons`. With
+            `uniform=True` it must have an entry (possibly empty) for every layer.
+        uniform: Give every layer the same FFN width: the mean kept width of all layers under the plan.
         multiple_of: Round kept widths to a multiple of this (1: no rounding).
         scores: Layer index -> importance of each current neuron (higher is more important), for layers whose
             planned set must change. Defaults to the neuron's weight norms, `|W_in[i, :]| * |W_out[:, i]|`.
@@ -242,8 +250,13 @@ def round_ffn_plan(
     Returns:
         The rounded plan, layer index -> sorted neuron indices to remove, for `prune_ffn_neurons`.
 
+    Raises:
+        ValueError: for a malformed plan or `multiple_of`, scores of the wrong shape, or `uniform=True` with a plan
+            that does not name every layer.
+
     Example:
     ```python
+    # A 2-layer model: every layer is named, and both end up with the same width.
     plan = round_ffn_plan(model, {0: list(range(100)), 1: list(range(300))}, uniform=True, multiple_of=64)
     prune_ffn_neurons(model, plan)
     ```
@@ -254,6 +267,14 @@ def round_ffn_plan(
     plan = _validate_plan(neurons_to_prune, widths, "FFN neuron", "neurons_to_prune")
     planned_kept = [width - len(plan.get(i, ())) for i, width in enumerate(widths)]
     if uniform:
+        missing = [i for i in range(len(widths)) if i not in plan]
+        if missing:
+            raise ValueError(
+                f"uniform=True gives every layer the same FFN width, the mean kept width of all {len(widths)} layers, "
+                f"so it can also cut layers {missing}, which neurons_to_prune does not name. Name every layer (e.g. "
+                f"{{{missing[0]}: []}} for a layer that may be cut to the common width), or use uniform=False to round "
+                "only the named layers."
+            )
         target = _round_to_multiple(sum(planned_kept) / len(widths), multiple_of)
         target = min(target, min(widths) // multiple_of * multiple_of)
         kept = [target] * len(widths)

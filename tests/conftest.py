@@ -78,4 +78,4 @@ def tiny_tokenizer(tmp_path):
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
     vocab += [f"w{i}" for i in range(VOCAB_SIZE - len(vocab))]
     (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    return BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"), do_lower_case=True)
+    return BertTokenizerFast(vocab=str(tmp_path / "vocab.txt"), do_lower_case=True)
