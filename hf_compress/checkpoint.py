@@ -149,6 +149,20 @@ def load_compressed(pretrained_model_name_or_path: str | os.PathLike, **kwargs) 
     model = load_compressed("pruned")
     ```
     """
+    return _from_pretrained(pretrained_model_name_or_path, None, **kwargs)
+
+
+def _from_pretrained(
+    pretrained_model_name_or_path: str | os.PathLike, model_class: type | None, **kwargs
+) -> PreTrainedModel:
+    """`from_pretrained` that reads hf-compress structures: `load_compressed`, or with the class the caller chose.
+
+    Args:
+        pretrained_model_name_or_path: A local directory or a Hub model id.
+        model_class: The class to load with (an Auto class or a model class; a checkpoint with per-layer structure
+            loads with the pruned twin of the class it stands for), or None for the class the checkpoint recorded.
+        **kwargs: Passed to `from_pretrained`.
+    """
     hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
     config = kwargs.get("config")
     if config is None:
@@ -156,7 +170,21 @@ def load_compressed(pretrained_model_name_or_path: str | os.PathLike, **kwargs) 
     if getattr(config, "pruned_heads", None) and not hasattr(config, remote.CONFIG_KEY):
         _upgrade_pruned_heads(config)
         kwargs["config"] = config
-    return _model_class(config).from_pretrained(pretrained_model_name_or_path, **kwargs)
+    if model_class is None:
+        model_class = _model_class(config)
+    elif hasattr(config, remote.CONFIG_KEY):
+        # Stock classes build the unpruned shapes and refuse the checkpoint's (`ignore_mismatched_sizes`); the pruned
+        # twin of the class the caller asked for builds the recorded ones.
+        mapping = getattr(model_class, "_model_mapping", None)
+        if mapping is not None:  # an Auto class: the model class it picks for this config
+            if type(config) not in mapping:
+                raise ValueError(
+                    f"{model_class.__name__} has no model class for {type(config).__name__} (the checkpoint at "
+                    f"{pretrained_model_name_or_path}); pass another class, or use hf_compress.load_compressed."
+                )
+            model_class = mapping[type(config)]
+        model_class = remote.compressed_class(_stock_class(model_class))
+    return model_class.from_pretrained(pretrained_model_name_or_path, **kwargs)
 
 
 def _upgrade_pruned_heads(config: transformers.PretrainedConfig) -> None:

@@ -3,13 +3,15 @@
 `push_compressed_to_hub` saves everything into a temporary folder, then makes one commit with `huggingface_hub`'s public
 API (`create_repo`, `create_branch` for a new revision, `upload_folder`). `save_pretrained` of a pruned model already
 writes its per-layer structure into the config and the modeling code that `trust_remote_code` loads, so those travel
-too. The token comes from the usual places (`token=`, `HF_TOKEN`, `hf auth login`).
+too. A model with live `torch.nn.utils.prune` masks (`magnitude_prune` without `make_permanent`) is saved with the
+masks folded into its weights, so the Hub holds the weights the model computes with, not `weight_orig`/`weight_mask`
+tensors that `from_pretrained` would ignore. The token comes from the usual places (`token=`, `HF_TOKEN`,
+`hf auth login`).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,10 +20,12 @@ from typing import Any
 from accelerate import PartialState
 from huggingface_hub import CommitInfo, HfApi, ModelCard
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging
 
 from .model_card import COMPARISON_FILE, create_model_card
+from .unstructured import _pruned_tensor_names, _save_pretrained_folded
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 
 def push_compressed_to_hub(
@@ -68,7 +72,11 @@ def push_compressed_to_hub(
         return None
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as folder:
-        model.save_pretrained(folder)
+        if any(_pruned_tensor_names(module) for module in model.modules()):
+            # Whoever applied the masks (magnitude_prune, or torch.nn.utils.prune directly), fold them.
+            _save_pretrained_folded(model, folder)
+        else:
+            model.save_pretrained(folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         if comparison is not None:

@@ -4,9 +4,8 @@ How the callback keeps training, checkpoints and the optimizer correct:
 
 - `torch.nn.utils.prune` reparametrises a pruned module: the trainable tensor moves to `weight_orig` and a
   `weight_mask` buffer appears. It re-registers the *same* `nn.Parameter` object, so the optimizer the `Trainer`
-  built before pruning keeps training it, but `save_pretrained` then writes `weight_orig`/`weight_mask` keys: stock
-  `from_pretrained` ignores them and re-initialises `weight` (reported only as MISSING/UNEXPECTED keys), and the
-  `Trainer` resumes with `load_state_dict(strict=False)`, which silently does the same.
+  built before pruning keeps training it. `magnitude_prune` makes `save_pretrained` fold the masks, but the model's
+  `state_dict()`, parameter names and forward pre-hooks stay those of a reparametrised model while the masks live.
 - So the callback uses `magnitude_prune` only to compute the masks at each pruning step, makes them permanent at
   once (the pruned weights become plain zeros; `prune.remove` keeps the parameter objects, so the optimizer is
   unaffected), keeps the masks itself and re-applies them after every optimizer step (optimizers with momentum or
@@ -19,17 +18,17 @@ How the callback keeps training, checkpoints and the optimizer correct:
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.utils import logging
 
 from .schedules import CubicSparsitySchedule, resolve_step, validate_step_range
 from .unstructured import SCOPES, _normalize_patterns, _select_linear_modules, magnitude_prune, make_permanent
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 
 class GradualMagnitudePruningCallback(TrainerCallback):

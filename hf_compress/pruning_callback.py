@@ -15,31 +15,50 @@ optimizer in place: the new parameters take the old ones' places in their parame
 parameter (e.g. factored second moments) is reset, with a warning. The learning-rate scheduler keeps working, as it
 only holds the optimizer. Single-process training only (DDP and FSDP wrap parameters the callback cannot swap).
 
-Checkpoints and resume: a checkpoint saved before `begin_step` or from `end_step` on holds a model of one fixed
-structure and resumes normally, provided the model you resume with has that structure (load a checkpoint saved at or
-after `end_step` with `hf_compress.load_compressed`). Resuming a checkpoint saved *while* pruning is in progress is
-not supported (the budget's reference and the running importance are not in the checkpoint); the callback raises a
-`ValueError` when training resumes at such a step instead of pruning to a wrong budget. Likewise
-`load_best_model_at_end` needs the best checkpoint to have the final structure.
+Checkpoints and resume: at every checkpoint the callback writes its own state (the running importance, the budget's
+reference cost and the schedule's progress) into the checkpoint folder as `hf_compress_pruning_state.safetensors`,
+and restores it when `trainer.train(resume_from_checkpoint=...)` resumes at that step, so a resumed run prunes
+exactly as the uninterrupted one, before, during or after pruning. The model you resume with may be the fresh,
+unpruned one: when the Trainer loads a checkpoint of a smaller structure, the callback (through a load hook it puts
+on the model when the Trainer is built) first prunes the model to the checkpoint's heads and FFN widths, so the
+weights load exactly; a checkpoint the model cannot be pruned to is refused before any weight is touched. Pass the
+callback to the Trainer's constructor (not `add_callback` afterwards) so that the hook is in place before a resume:
+the Trainer loads the checkpoint before it sends any training event. The hook stays on the model (a later
+`model.load_state_dict` of a smaller pruned structure prunes it likewise). The state is looked up in
+`output_dir/checkpoint-<step>`, where the Trainer writes it; without it, resuming mid-pruning is refused.
+
+Refused when training begins, before any step (each error says how to fix it): an absolute `begin_step` / `end_step`
+beyond `max_steps`; `load_best_model_at_end` with a checkpoint saved before `end_step` (its structure differs from
+the final model's); a second `train()` after pruning stopped part-way. A second `train()` after the budget was
+reached trains without pruning further: the budget is relative to the model the first `train()` started from.
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import replace
+import json
+import math
+import os
+import weakref
+from dataclasses import asdict, replace
 
+import safetensors.torch
 import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging
 
 from .architectures import get_layers, get_spec
 from .importance import UnitMasks, compute_importance
 from .mask_search import BALANCED_METHODS, Selection, balance_kinds, select_units, structure_cost, unit_costs
 from .pruning_config import PruningConfig
-from .schedules import CubicSparsitySchedule, resolve_step, validate_step_range
+from .schedules import CubicSparsitySchedule, resolve_step_range, validate_step_range
 from .structured import get_structure, prune_ffn_neurons, prune_heads
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
+
+PRUNING_STATE_NAME = "hf_compress_pruning_state.safetensors"
+_STATE_FORMAT_VERSION = 1
 
 
 class GradualStructuredPruningCallback(TrainerCallback):
@@ -49,16 +68,19 @@ class GradualStructuredPruningCallback(TrainerCallback):
         config: The final budget (`target`, `keep` or the ratios, `scope`, `uniform`, `round_to`, `importance`).
             `layers`, `rescale`, `num_batches` and `seq_len`-independent options that only concern one-shot pruning
             are not used here; `layers` must be unset.
-        begin_step: First pruning step; a value >= 1 is a step, a value in [0, 1) a fraction of the training steps.
+        begin_step: First pruning step; a value >= 1 is a step, a value in [0, 1) a fraction of the training steps
+            (resolved against `max_steps` when training begins).
         end_step: Step at which the budget is reached (same convention); the default leaves the last quarter of
-            training to recover at the final size.
+            training to recover at the final size. A step beyond `max_steps` is refused when training begins (the
+            budget would never be reached).
         frequency: Steps between two pruning steps.
         beta: Decay of the running importance per optimizer step, in [0, 1) (0 keeps only the last step's).
 
     Attributes:
         history: `(step, cost)` after each pruning step, the cost in `config.target` units (FLOPs per token or
             parameters of heads and neurons; head and neuron counts for `"ratios"`).
-        reference_cost: That cost when training began.
+        reference_cost: That cost when training began (the first `train()` of this model: a later one, or a resumed
+            one, keeps it, so the budget always counts from the model pruning started from).
 
     Example:
     ```python
@@ -99,30 +121,92 @@ class GradualStructuredPruningCallback(TrainerCallback):
         self._scores: dict[str, list[torch.Tensor]] = {}
         self._step_scores: dict[str, list[torch.Tensor]] = {}
         self._progress = 0.0
+        # The model of the last `train()`: a second `train()` of the same model must not prune it again.
+        self._model_ref: weakref.ref | None = None
 
     #### Trainer events
+
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        # `trainer.train(resume_from_checkpoint=...)` loads the checkpoint before any training event: the load hook
+        # must be on the model by then, so it goes on when the Trainer is built.
+        model = kwargs.get("model")
+        if model is not None:
+            get_spec(model)
+            _add_structure_hook(model)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         model = kwargs["model"]
         get_spec(model)
-        begin, end = resolve_step(self.begin_step, state.max_steps), resolve_step(self.end_step, state.max_steps)
-        self.schedule = CubicSparsitySchedule.from_step_range(
-            1.0, begin, end, min(self.frequency, max(end - begin, 1))
-        )
-        if self.schedule.begin_step < state.global_step < self.schedule.end_step:
+        # Every check runs before anything changes, so a refused run leaves the callback and the model as they were.
+        begin, end, frequency = resolve_step_range(self.begin_step, self.end_step, self.frequency, state.max_steps)
+        schedule = CubicSparsitySchedule.from_step_range(1.0, begin, end, frequency)
+        resumed = state.global_step > 0
+        saved = self._read_state(args, state, schedule) if resumed else None
+        again = not resumed and self._model_ref is not None and self._model_ref() is model and bool(self.history)
+        if again and self._progress < 1.0:
+            raise ValueError(
+                f"This callback already pruned this model part-way ({self.history[-1][1] / self.reference_cost:.1%} "
+                f"of its starting {self.config.target}) in an earlier train() that stopped before end_step: a new "
+                "train() would measure the budget from the pruned model and compound it. Resume the earlier run "
+                "instead (`trainer.train(resume_from_checkpoint=...)`), or start over with a fresh model and callback."
+            )
+        if resumed and saved is None and schedule.begin_step < state.global_step < schedule.end_step:
+            folder = _checkpoint_folder(args, state)
             raise ValueError(
                 f"Training resumes at step {state.global_step}, while gradual structured pruning was in progress "
-                f"(steps {self.schedule.begin_step}..{self.schedule.end_step}). Resuming mid-pruning is not supported: "
-                "the checkpoint lacks the pruning budget's reference and the running importance. Restart from a "
-                f"checkpoint saved before step {self.schedule.begin_step + 1}, or from one saved at or after step "
-                f"{self.schedule.end_step} (loaded with hf_compress.load_compressed)."
+                f"(steps {schedule.begin_step}..{schedule.end_step}), but there is no {PRUNING_STATE_NAME} in "
+                f"{folder}: resuming mid-pruning is not supported without it (the budget's reference and the running "
+                "importance would be lost). Resume from a checkpoint this callback wrote in that folder, restart "
+                f"from a checkpoint saved before step {schedule.begin_step + 1}, or from one saved at or after step "
+                f"{schedule.end_step} (loaded with hf_compress.load_compressed)."
             )
-        self.reference_cost = self._cost(model)
-        structure = get_structure(model)
-        self._reference = (sum(structure.heads), sum(structure.ffn))
-        self._progress = self.schedule(state.global_step) if state.global_step >= self.schedule.end_step else 0.0
-        self._reset_scores(model)
-        self._install(model)
+        if saved is not None:
+            progress = saved["progress"]
+        elif again or (resumed and state.global_step >= schedule.end_step):
+            progress = 1.0
+        else:
+            progress = 0.0
+        if saved is not None:
+            _check_saved_structure(model, saved)
+        self._check_load_best(args, state, schedule, progress, kwargs.get("train_dataloader"))
+        _check_optimizer_holds(model, kwargs.get("optimizer"))
+        if frequency < self.frequency:
+            logger.info(
+                "The pruning range, steps %d..%d, is shorter than frequency=%d: pruning once, at step %d.",
+                begin,
+                end,
+                self.frequency,
+                end,
+            )
+
+        self.schedule = schedule
+        self._model_ref = weakref.ref(model)
+        self._progress = progress
+        if saved is not None:
+            self._restore(model, saved)
+        elif again:
+            logger.info(
+                "The model already has the pruning budget (reached in an earlier train()); this run trains it "
+                "without pruning further."
+            )
+            self._reset_scores(model)
+        else:
+            if resumed and state.global_step <= schedule.begin_step:
+                logger.warning(
+                    "Resuming at step %d without the %s the callback writes into each checkpoint (looked in %s): the "
+                    "running importance restarts from zero, so pruning may choose other units than the uninterrupted "
+                    "run would.",
+                    state.global_step,
+                    PRUNING_STATE_NAME,
+                    _checkpoint_folder(args, state),
+                )
+            self.reference_cost = self._cost(model)
+            structure = get_structure(model)
+            self._reference = (sum(structure.heads), sum(structure.ffn))
+            self.history = []
+            self._reset_scores(model)
+        if self._progress < 1.0:
+            self._install(model)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         for kind, running in self._scores.items():
@@ -137,8 +221,129 @@ class GradualStructuredPruningCallback(TrainerCallback):
         self._progress = progress
         self._prune(kwargs["model"], kwargs.get("optimizer"), state.global_step)
 
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        # The Trainer has just written the checkpoint folder; the pruning state goes beside the weights so that a
+        # resume continues exactly (the running importance decides which units go next).
+        if self.schedule is None or not state.is_world_process_zero:
+            return
+        folder = _checkpoint_folder(args, state)
+        if not os.path.isdir(folder):
+            logger.warning(
+                "No checkpoint folder %s to write the gradual pruning state into; resuming from this checkpoint will "
+                "restart the running importance.",
+                folder,
+            )
+            return
+        tensors = {
+            f"scores.{kind}.{layer}": values.detach().cpu().contiguous()
+            for kind, running in self._scores.items()
+            for layer, values in enumerate(running)
+        }
+        structure = get_structure(kwargs["model"])
+        description = {
+            "format_version": _STATE_FORMAT_VERSION,
+            "global_step": state.global_step,
+            "settings": self._settings(),
+            "reference_cost": self.reference_cost,
+            "reference": list(self._reference),
+            "progress": self._progress,
+            "history": [list(entry) for entry in self.history],
+            "heads": list(structure.heads),
+            "ffn": list(structure.ffn),
+        }
+        safetensors.torch.save_file(
+            tensors, os.path.join(folder, PRUNING_STATE_NAME), metadata={"hf_compress": json.dumps(description)}
+        )
+
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._uninstall()
+
+    #### Checks and saved state
+
+    def _settings(self) -> dict:
+        """What must agree between the run that saved a checkpoint and the run resuming it."""
+        schedule = self.schedule
+        return {
+            "config": json.loads(json.dumps(asdict(self.config), default=str)),
+            "schedule": [schedule.begin_step, schedule.end_step, schedule.frequency],
+            "beta": self.beta,
+        }
+
+    def _read_state(
+        self, args: TrainingArguments, state: TrainerState, schedule: CubicSparsitySchedule
+    ) -> dict | None:
+        """The pruning state saved in the checkpoint training resumes from, checked against this run (None: absent)."""
+        path = os.path.join(_checkpoint_folder(args, state), PRUNING_STATE_NAME)
+        if not os.path.isfile(path):
+            return None
+        with safetensors.safe_open(path, framework="pt") as file:
+            saved = json.loads(file.metadata()["hf_compress"])
+            saved["tensors"] = {key: file.get_tensor(key) for key in file.keys()}
+        if saved.get("format_version") != _STATE_FORMAT_VERSION or saved.get("global_step") != state.global_step:
+            raise ValueError(
+                f"{path} holds the gradual pruning state of step {saved.get('global_step')} (format "
+                f"{saved.get('format_version')}), but training resumes at step {state.global_step}: it belongs to "
+                "another run. Remove it to resume without it, or resume from the checkpoint it was written with."
+            )
+        previous, self.schedule = self.schedule, schedule
+        try:
+            settings = self._settings()
+        finally:
+            self.schedule = previous
+        if saved["settings"] != settings:
+            raise ValueError(
+                f"The checkpoint's gradual pruning was run with {saved['settings']}, this callback has {settings}: "
+                "resuming would change the budget or schedule part-way. Resume with the callback's original "
+                "arguments (and the same max_steps), or start a new run."
+            )
+        return saved
+
+    def _restore(self, model: nn.Module, saved: dict) -> None:
+        structure = get_structure(model)
+        device = next(model.parameters()).device
+        tensors = saved["tensors"]
+        self._scores = {
+            kind: [tensors[f"scores.{kind}.{layer}"].to(device) for layer in range(len(counts))]
+            for kind, counts in (("heads", structure.heads), ("ffn", structure.ffn))
+        }
+        self._step_scores = {kind: [torch.zeros_like(t) for t in values] for kind, values in self._scores.items()}
+        self.reference_cost = saved["reference_cost"]
+        self._reference = tuple(saved["reference"])
+        self.history = [tuple(entry) for entry in saved["history"]]
+
+    def _check_load_best(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        schedule: CubicSparsitySchedule,
+        progress: float,
+        train_dataloader,
+    ) -> None:
+        """Refuse `load_best_model_at_end` when the best checkpoint could be one with another structure than the end's.
+
+        Checkpoints saved before the last pruning step hold a bigger model: loading one at the end would either fail
+        half-way or hand back a model over the budget.
+        """
+        if not getattr(args, "load_best_model_at_end", False):
+            return
+        end = schedule.end_step
+        best = state.best_global_step
+        if best is not None and best < end:
+            where = f"the best checkpoint so far was saved at step {best}"
+        elif progress >= 1.0:
+            return
+        else:
+            step = _next_checkpoint_step(args, state, train_dataloader)
+            if step is None or step >= end:
+                return
+            where = f"a checkpoint that can become the best is saved at step {step}"
+        raise ValueError(
+            f"load_best_model_at_end=True with gradual structured pruning until step {end} (end_step="
+            f"{self.end_step!r}): {where}, before the model reaches its final structure, so the Trainer could load "
+            f"a checkpoint of another size at the end. Save (and evaluate) only from step {end} on, e.g. "
+            f"save_steps={end} with eval_steps dividing it, or set load_best_model_at_end=False and load the best "
+            "checkpoint yourself with hf_compress.load_compressed(trainer.state.best_model_checkpoint)."
+        )
 
     #### Scores
 
@@ -245,6 +450,153 @@ class GradualStructuredPruningCallback(TrainerCallback):
             list(structure.heads),
             list(structure.ffn),
         )
+
+
+def _checkpoint_folder(args: TrainingArguments | None, state: TrainerState) -> str:
+    """Where the Trainer writes (and `resume_from_checkpoint=True` finds) the checkpoint of `state.global_step`."""
+    return os.path.join(getattr(args, "output_dir", None) or ".", f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+
+
+def _check_saved_structure(model: nn.Module, saved: dict) -> None:
+    structure = get_structure(model)
+    if [list(structure.heads), list(structure.ffn)] != [saved["heads"], saved["ffn"]]:
+        raise ValueError(
+            f"The checkpoint was saved with heads per layer {saved['heads']} and FFN widths {saved['ffn']}, but the "
+            f"model resumed has {list(structure.heads)} and {list(structure.ffn)}: its weights cannot be this "
+            "checkpoint's. Pass the callback to the Trainer's constructor (not `add_callback`) so that it fits the "
+            "model to the checkpoint while loading, or build the model with hf_compress.load_compressed(checkpoint)."
+        )
+
+
+def _next_checkpoint_step(args: TrainingArguments, state: TrainerState, train_dataloader) -> int | None:
+    """The first step after `state.global_step` at which the Trainer may save a checkpoint (None: it never does)."""
+    strategy, every = getattr(args.save_strategy, "value", args.save_strategy), state.save_steps
+    if strategy == "best":  # a checkpoint at every evaluation that improves the metric
+        strategy, every = getattr(args.eval_strategy, "value", args.eval_strategy), state.eval_steps
+    if strategy == "epoch":
+        try:
+            batches = len(train_dataloader)
+        except TypeError:  # no dataloader, or one without a length: the shortest epoch that fits max_steps
+            every = math.ceil(state.max_steps / max(state.num_train_epochs, 1))
+        else:
+            every = max(math.ceil(batches / args.gradient_accumulation_steps), 1)
+    elif strategy != "steps":
+        return None
+    if not every:
+        return None
+    return min((state.global_step // every + 1) * every, state.max_steps)
+
+
+# model -> weak references to the parameters `_fit_structure_load_pre_hook` replaced (weak: they are garbage unless an
+# optimizer still holds them, which is exactly what `_check_optimizer_holds` looks for).
+_REPLACED_BY_FIT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _check_optimizer_holds(model: nn.Module, optimizer) -> None:
+    # An optimizer given to the Trainer (`optimizers=`) before a resume fitted the model to a pruned checkpoint would
+    # keep training the parameters pruning replaced, while the model's own would not train at all. (Other parameters
+    # an optimizer may hold, e.g. DistillationTrainer's hidden-state projections, are fine.)
+    if optimizer is None:
+        return
+    replaced = {id(ref()) for ref in _REPLACED_BY_FIT.get(model, ()) if ref() is not None}
+    inner = getattr(optimizer, "optimizer", optimizer)
+    stale = sum(id(p) in replaced for group in inner.param_groups for p in group["params"])
+    if stale:
+        raise ValueError(
+            f"The optimizer holds {stale} parameters that are no longer the model's (the model was pruned after the "
+            "optimizer was built, e.g. to fit a pruned checkpoint being resumed). Let the Trainer build the optimizer "
+            "(do not pass `optimizers=`), or build it from the model as it is now."
+        )
+
+
+def _layer_keys(model: nn.Module, prefix: str) -> tuple[str, list[dict[str, str]]]:
+    """The layers' key prefix and each layer's projection weight keys, for a state dict loaded under `prefix`."""
+    spec = get_spec(model)
+    layers = get_layers(model)
+    path = prefix + next(name for name, module in model.named_modules() if module is layers)
+    keys = [
+        {
+            name: f"{path}.{index}.{getattr(spec, name)}.weight"
+            for name in ("query", "attention_output", "ffn_in", "ffn_out")
+        }
+        for index in range(len(layers))
+    ]
+    return path, keys
+
+
+def _fit_structure_load_pre_hook(
+    model: nn.Module,
+    state_dict: dict,
+    prefix: str,
+    local_metadata: dict,
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    """Load pre-hook on the model: prune it to the heads and FFN widths of the state dict before any tensor loads.
+
+    torch copies tensors one by one and reports size mismatches only at the end, so a checkpoint of a pruned structure
+    (a Trainer resuming a run of `GradualStructuredPruningCallback` with a fresh model) would leave the model half
+    overwritten. Here the structure is read from the tensors' shapes first; the model is pruned to it (the trailing
+    heads and neurons go: every kept weight is then overwritten by the checkpoint, so which ones does not matter) or,
+    when it cannot be (a bigger checkpoint, another layer count), the load is refused before anything changes.
+    """
+    current = get_structure(model)
+    head_dim = current.head_dim
+    path, layer_keys = _layer_keys(model, prefix)
+    heads, ffn = list(current.heads), list(current.ffn)
+    problems = []
+    for index, keys in enumerate(layer_keys):
+        query, output = state_dict.get(keys["query"]), state_dict.get(keys["attention_output"])
+        ffn_in, ffn_out = state_dict.get(keys["ffn_in"]), state_dict.get(keys["ffn_out"])
+        # A layer without heads has no query (its output projection has 0 input features); a sharded checkpoint's
+        # shard may hold only some of a layer's tensors: any one of them tells the size.
+        if query is not None and query.dim() == 2:
+            heads[index] = query.shape[0] // head_dim
+        elif output is not None and output.dim() == 2:
+            heads[index] = output.shape[1] // head_dim
+        if ffn_in is not None and ffn_in.dim() == 2:
+            ffn[index] = ffn_in.shape[0]
+        elif ffn_out is not None and ffn_out.dim() == 2:
+            ffn[index] = ffn_out.shape[1]
+        if heads[index] > current.heads[index] or ffn[index] > current.ffn[index]:
+            problems.append(index)
+    extra = [key for key in state_dict if key.startswith(f"{path}.{len(layer_keys)}.")]
+    if problems or extra:
+        what = (
+            f"layer(s) {problems} have more heads or FFN neurons in it than in the model"
+            if problems
+            else f"it has more than the model's {len(layer_keys)} layers"
+        )
+        raise ValueError(
+            f"The state dict being loaded holds a structure this model cannot be pruned to ({what}: heads per layer "
+            f"{heads} and FFN widths {ffn} against the model's {list(current.heads)} and {list(current.ffn)}). "
+            "Nothing was loaded. Build the model from the checkpoint instead: "
+            "`model = hf_compress.load_compressed(checkpoint_dir)`, and pass that model to the Trainer."
+        )
+    remove_heads = {i: list(range(h, current.heads[i])) for i, h in enumerate(heads) if h < current.heads[i]}
+    remove_ffn = {i: list(range(n, current.ffn[i])) for i, n in enumerate(ffn) if n < current.ffn[i]}
+    if not remove_heads and not remove_ffn:
+        return
+    before = list(model.parameters())
+    prune_heads(model, remove_heads)
+    prune_ffn_neurons(model, remove_ffn)
+    kept = {id(p) for p in model.parameters()}
+    _REPLACED_BY_FIT.setdefault(model, []).extend(weakref.ref(p) for p in before if id(p) not in kept)
+    logger.warning(
+        "The state dict being loaded has a pruned structure; the model was pruned to it before loading (heads per "
+        "layer %s, FFN widths %s).",
+        heads,
+        ffn,
+    )
+
+
+def _add_structure_hook(model: nn.Module) -> None:
+    """Put `_fit_structure_load_pre_hook` on `model`, once (a module-level function: deep copies keep working)."""
+    hooks = model._load_state_dict_pre_hooks
+    if not any(getattr(hook, "hook", None) is _fit_structure_load_pre_hook for hook in hooks.values()):
+        model.register_load_state_dict_pre_hook(_fit_structure_load_pre_hook)
 
 
 def _parameter_slices(model: nn.Module, selection: Selection) -> dict[int, tuple]:

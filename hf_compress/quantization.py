@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from .checkpoint import _from_pretrained
 from .unstructured import make_permanent
 
 _SAVE_ERROR = (
@@ -123,7 +124,9 @@ def from_pretrained_int8(
 ) -> nn.Module:
     """Load an fp32 checkpoint (local folder or Hub id) and quantize it with `quantize_dynamic_int8`.
 
-    This is the portable way to ship an int8 model: publish the fp32 checkpoint, quantize at load time.
+    This is the portable way to ship an int8 model: publish the fp32 checkpoint, quantize at load time. Checkpoints
+    that hf-compress pruned to per-layer widths load as `load_compressed` loads them (the pruned twin of
+    `model_class`), so no `trust_remote_code` is needed.
 
     Args:
         pretrained_model_name_or_path: What `model_class.from_pretrained` accepts.
@@ -146,6 +149,6 @@ def from_pretrained_int8(
             f"`model_class` must be a transformers model class with `from_pretrained` (e.g. "
             f"AutoModelForSequenceClassification), got {model_class!r}."
         )
-    model = model_class.from_pretrained(pretrained_model_name_or_path, **kwargs)
+    model = _from_pretrained(pretrained_model_name_or_path, model_class, **kwargs)
     _check_can_quantize(model)
     return _quantize_in_place(model)

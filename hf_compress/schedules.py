@@ -170,3 +170,59 @@ def validate_step_range(begin_step: float, end_step: float, frequency: int) -> N
             raise ValueError(f"{name}={value!r} must be a step (>= 1) or a fraction of training in [0, 1).")
     if isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1:
         raise ValueError(f"frequency={frequency!r} must be an integer >= 1 (steps between pruning steps).")
+    # Two steps, or two fractions, compare now; a step against a fraction only once the training length is known.
+    if (begin_step >= 1) == (end_step >= 1) and end_step <= begin_step:
+        raise ValueError(
+            f"end_step={end_step!r} must come after begin_step={begin_step!r}: pruning runs from begin_step to "
+            "end_step."
+        )
+
+
+def resolve_step_range(begin_step: float, end_step: float, frequency: int, max_steps: int) -> tuple[int, int, int]:
+    """Resolve a gradual pruning callback's step range against the training length, refusing a range that training
+    cannot complete.
+
+    Fractions are resolved against `max_steps` (see `resolve_step`), so they always fit; a step given as an absolute
+    number can lie beyond the end of training, where pruning would silently stop short of its target (or never
+    start). Both are errors here, raised when training begins and before any step runs.
+
+    Args:
+        begin_step: First pruning step, a step (>= 1) or a fraction of training in [0, 1).
+        end_step: Step at which pruning ends, in the same convention.
+        frequency: Steps between two pruning steps, as the user passed it.
+        max_steps: The training steps (`TrainerState.max_steps`).
+
+    Returns:
+        `(begin, end, frequency)` in steps; `frequency` is lowered to `end - begin` when the range is shorter than it
+        (pruning then happens once, at `end`).
+
+    Raises:
+        ValueError: Naming the values as passed, as resolved, and the fix.
+
+    Example:
+
+    ```python
+    >>> resolve_step_range(0.1, 0.75, frequency=10, max_steps=400)
+    (40, 300, 10)
+    ```
+    """
+    begin, end = resolve_step(begin_step, max_steps), resolve_step(end_step, max_steps)
+    if begin >= max_steps:
+        raise ValueError(
+            f"begin_step={begin_step!r} (step {begin}) is not before the end of training (max_steps={max_steps}): "
+            f"nothing would be pruned. Pass a begin_step below {max_steps} (or a fraction of training, e.g. "
+            "begin_step=0.1), or train for more steps."
+        )
+    if end > max_steps:
+        raise ValueError(
+            f"end_step={end_step!r} (step {end}) is beyond the end of training (max_steps={max_steps}): training "
+            f"would stop before the pruning budget is reached. Pass an end_step <= {max_steps} (or a "
+            "fraction of training, e.g. end_step=0.75, which leaves a quarter of training to recover), or train for "
+            f"at least {end} steps."
+        )
+    if end <= begin:
+        raise ValueError(
+            f"end_step={end_step!r} (step {end}) must come after begin_step={begin_step!r} (step {begin}) with "
+            f"max_steps={max_steps} (frequency={frequency}): widen the step range."
+        )
+    return begin, end, min(frequency, end - begin)

@@ -24,25 +24,36 @@ from hf_compress import magnitude_prune, make_permanent, sparsity_report
 
 magnitude_prune(model, amount=0.8)  # 80% of the selected weights become zero, smallest |w| first
 print(sparsity_report(model))
-make_permanent(model)  # plain weights with zeros: now `save_pretrained` writes a checkpoint `from_pretrained` loads
+make_permanent(model)  # plain weights with zeros, and no pruning hooks left
 ```
+
+Saving while the masks are live: `magnitude_prune` makes the pruned model's `save_pretrained` write
+`weight = weight_orig * weight_mask` instead of the two reparametrisation tensors (which `from_pretrained` would
+ignore, silently re-initialising every pruned weight), and gives every pruned module a load hook that accepts such a
+folded state dict back. So `save_pretrained`, `Trainer.save_model`, Trainer checkpoints, `push_to_hub` and
+`push_compressed_to_hub` write an ordinary checkpoint (the pruned weights as 0.0) that stock `from_pretrained` loads,
+before or after `make_permanent`. A masked model loading a folded state dict (a Trainer resuming, or
+`load_best_model_at_end`) takes the loaded weights as they are and its masks from their zeros, so it computes exactly
+what was saved. `model.state_dict()` itself keeps torch's `weight_orig` / `weight_mask` (prune the model you save: a
+parent of the pruned module does not fold).
 """
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
-import logging
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.nn.utils import prune
+from transformers.utils import logging
 
 from .architectures import get_layers
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 SCOPES = ("global", "layer")
 
@@ -164,6 +175,122 @@ def _num_masked(module: nn.Module) -> int:
     return int((module.weight_mask == 0).sum()) if hasattr(module, "weight_mask") else 0
 
 
+def _pruned_tensor_names(module: nn.Module) -> list[str]:
+    """The tensors `torch.nn.utils.prune` reparametrises on `module` (`["weight"]` after `magnitude_prune`)."""
+    return [
+        hook._tensor_name for hook in module._forward_pre_hooks.values() if isinstance(hook, prune.BasePruningMethod)
+    ]
+
+
+def _folded_state_dict(model: nn.Module, state_dict: dict | None = None) -> dict:
+    """`model`'s state dict (or `state_dict`) with each `name_orig` / `name_mask` pair folded into `name`.
+
+    The folded tensor `name_orig * name_mask` is what the model computes with: the pruned entries are 0.0, and the
+    keys are the ones stock `from_pretrained` knows. Key order is kept (`name` takes `name_orig`'s place).
+    """
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    folded_keys = {}  # key of name_orig -> key of name
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        for name in _pruned_tensor_names(module):
+            key = prefix + name
+            if f"{key}_orig" in state_dict and f"{key}_mask" in state_dict:
+                folded_keys[f"{key}_orig"] = key
+    masks = {f"{key}_mask" for key in folded_keys.values()}
+    folded = {}
+    for key, value in state_dict.items():
+        if key in folded_keys:
+            folded[folded_keys[key]] = (value * state_dict[f"{folded_keys[key]}_mask"]).detach()
+        elif key not in masks:
+            folded[key] = value
+    return folded
+
+
+def _save_pretrained_folded(model: nn.Module, save_directory, *args, state_dict: dict | None = None, **kwargs):
+    """`save_pretrained` of a model with live pruning masks: the masks are folded into the weights it writes.
+
+    `magnitude_prune` puts this (bound to the model with `functools.partial`) in place of the model's
+    `save_pretrained`, which `Trainer.save_model`, Trainer checkpoints, `push_to_hub` and `push_compressed_to_hub`
+    all call. Without it the checkpoint holds `weight_orig`/`weight_mask`, which `from_pretrained` ignores: it would
+    silently re-initialise every pruned weight. `make_permanent` removes it.
+    """
+    return type(model).save_pretrained(
+        model, save_directory, *args, state_dict=_folded_state_dict(model, state_dict), **kwargs
+    )
+
+
+def _is_folding_save(function) -> bool:
+    return isinstance(function, functools.partial) and function.func is _save_pretrained_folded
+
+
+def _unfold_masks_load_pre_hook(
+    module: nn.Module,
+    state_dict: dict,
+    prefix: str,
+    local_metadata: dict,
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    """Load pre-hook: let a still-masked module load a folded state dict (as `_save_pretrained_folded` writes).
+
+    The loaded values become `name_orig` and the mask is taken from their zeros, so that `name_orig * name_mask`
+    equals the loaded tensor exactly (a Trainer resuming, or loading its best checkpoint, computes what was saved).
+    A state dict that still has `name_orig`/`name_mask` loads as before.
+    """
+    for name in _pruned_tensor_names(module):
+        key = prefix + name
+        if key in state_dict and f"{key}_orig" not in state_dict and f"{key}_mask" not in state_dict:
+            value = state_dict.pop(key)
+            state_dict[f"{key}_orig"] = value
+            mask = getattr(module, f"{name}_mask", None)
+            state_dict[f"{key}_mask"] = (value != 0).to(mask.dtype if mask is not None else value.dtype)
+
+
+def _refresh_masked_weights_load_post_hook(module: nn.Module, incompatible_keys) -> None:
+    # `weight` is a plain attribute that prune refreshes at each forward; refresh it now so that code reading it
+    # before the next forward (e.g. `module.weight == 0`) sees the loaded values.
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, prune.BasePruningMethod):
+            setattr(module, hook._tensor_name, hook.apply_mask(module))
+
+
+_LOAD_HOOKS = (
+    ("_load_state_dict_pre_hooks", _unfold_masks_load_pre_hook),
+    ("_load_state_dict_post_hooks", _refresh_masked_weights_load_post_hook),
+)
+
+
+def _registered(hooks: dict, function) -> list:
+    # `_load_state_dict_pre_hooks` wraps each hook in a `_WrappedHook` that keeps it as `.hook`.
+    return [key for key, hook in hooks.items() if getattr(hook, "hook", hook) is function]
+
+
+def _add_save_hooks(model: nn.Module, modules: Iterable[nn.Module]) -> None:
+    """Make every save of `model` fold the masks, and every pruned module accept a folded state dict back.
+
+    Module-level functions (and a `functools.partial` of one), so a deep copy or a pickle of the model keeps working.
+    """
+    if callable(getattr(type(model), "save_pretrained", None)) and not _is_folding_save(
+        model.__dict__.get("save_pretrained")
+    ):
+        model.save_pretrained = functools.partial(_save_pretrained_folded, model)
+    for module in modules:
+        if not _registered(module._load_state_dict_pre_hooks, _unfold_masks_load_pre_hook):
+            module.register_load_state_dict_pre_hook(_unfold_masks_load_pre_hook)
+            module.register_load_state_dict_post_hook(_refresh_masked_weights_load_post_hook)
+
+
+def _remove_save_hooks(module: nn.Module) -> None:
+    if _is_folding_save(module.__dict__.get("save_pretrained")):
+        del module.__dict__["save_pretrained"]
+    for attribute, function in _LOAD_HOOKS:
+        hooks = getattr(module, attribute)
+        for key in _registered(hooks, function):
+            del hooks[key]
+
+
 def _check_amount(amount: float) -> None:
     if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0.0 <= amount < 1.0:
         raise ValueError(
@@ -183,9 +310,9 @@ def magnitude_prune(
 
     The model is reparametrised by `torch.nn.utils.prune`: each pruned module holds `weight_orig` (the same
     `nn.Parameter` object as before, so an existing optimizer keeps training it) and a `weight_mask` buffer, and a
-    forward pre-hook computes `weight = weight_orig * weight_mask`. Call `make_permanent` before `save_pretrained`:
-    a checkpoint of a reparametrised model has `weight_orig`/`weight_mask` keys that `from_pretrained` does not
-    know and would silently re-initialise those weights.
+    forward pre-hook computes `weight = weight_orig * weight_mask`. The model's `save_pretrained` then folds the
+    masks into `weight` (see the module docstring), so it writes an ordinary checkpoint with zeros whether or not
+    `make_permanent` was called first.
 
     Pruning again (with a larger `amount`) keeps the existing masks and prunes the smallest of the remaining weights,
     so `amount` is always the total fraction of zeros that results, not an increment.
@@ -247,6 +374,7 @@ def magnitude_prune(
     else:
         for name, module in modules.items():
             prune.l1_unstructured(module, "weight", amount=to_prune[name])
+    _add_save_hooks(model, modules.values())
     logger.info("Magnitude-pruned %d modules to %.1f%% sparsity (%s scope).", len(modules), 100 * amount, scope)
     return list(modules)
 
@@ -254,9 +382,10 @@ def magnitude_prune(
 def make_permanent(model: nn.Module) -> list[str]:
     """Turn every `torch.nn.utils.prune` reparametrisation of `model` into a plain weight holding the zeros, in place.
 
-    Afterwards the model has no `*_orig` parameters, `*_mask` buffers or pruning forward pre-hooks: it is an ordinary
-    model whose `save_pretrained` checkpoint loads with stock `from_pretrained`. The parameter objects are kept (only
-    their values change), so an optimizer built before the call still trains the same tensors.
+    Afterwards the model has no `*_orig` parameters, `*_mask` buffers, pruning forward pre-hooks, nor the save and
+    load hooks `magnitude_prune` added: it is an ordinary model (and computes exactly what it computed before). The
+    parameter objects are kept (only their values change), so an optimizer built before the call still trains the
+    same tensors.
 
     Args:
         model: A model pruned with `magnitude_prune` or `torch.nn.utils.prune` (an unpruned model is left as is).
@@ -278,6 +407,7 @@ def make_permanent(model: nn.Module) -> list[str]:
             if isinstance(hook, prune.BasePruningMethod):
                 prune.remove(module, hook._tensor_name)
                 made_permanent.append(name)
+        _remove_save_hooks(module)
     return made_permanent
 
 
