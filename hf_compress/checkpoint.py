@@ -148,8 +148,21 @@ def load_compressed(pretrained_model_name_or_path: str | os.PathLike, **kwargs) 
     model.save_pretrained("pruned")
     model = load_compressed("pruned")
     ```
+
+    Raises:
+        ValueError: when the weights file lacks tensors of the saved class. Stock `from_pretrained` initialises them
+            at random with only a log line; a compressed checkpoint with a hole in it is damaged, not a new head.
     """
-    return _from_pretrained(pretrained_model_name_or_path, None, **kwargs)
+    return_info = kwargs.pop("output_loading_info", False)
+    model, info = _from_pretrained(pretrained_model_name_or_path, None, output_loading_info=True, **kwargs)
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise ValueError(
+            f"The checkpoint {os.fspath(pretrained_model_name_or_path)!r} lacks {len(missing)} tensors of its own "
+            f"{type(model).__name__} (e.g. {missing[:3]}), which would start from random values. The weights file is "
+            "incomplete or from another model: save the model again, or download the checkpoint again."
+        )
+    return (model, info) if return_info else model
 
 
 def _from_pretrained(

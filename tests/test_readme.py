@@ -22,7 +22,7 @@ SHARED = ROOT.parent / "shared"
 FENCE = re.compile(r"^(?P<indent> *)```python\n(?P<code>.*?)^(?P=indent)```$", re.S | re.M)
 
 # Not part of the README: stands in for the Hub, which CI cannot reach.
-HUB_STUB = '''
+HUB_STUB = """
 from pathlib import Path
 from huggingface_hub import CommitInfo, HfApi, RepoUrl
 
@@ -32,12 +32,13 @@ def _create_repo(self, repo_id, **kwargs):
 def _upload_folder(self, **kwargs):
     files = sorted(p.name for p in Path(kwargs["folder_path"]).iterdir())
     print(f"[hub stub] upload_folder({kwargs['repo_id']!r}): {files}")
-    return CommitInfo(commit_url="https://huggingface.co/stub/commit/0", commit_message="", commit_description="", oid="0")
+    url = f"https://huggingface.co/{kwargs['repo_id']}/commit/0"
+    return CommitInfo(commit_url=url, commit_message="", commit_description="", oid="0")
 
 HfApi.create_repo = _create_repo
 HfApi.create_branch = lambda self, repo_id, **kwargs: None
 HfApi.upload_folder = _upload_folder
-'''
+"""
 
 
 def python_blocks(markdown: str) -> list[tuple[int, str]]:
