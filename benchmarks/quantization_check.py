@@ -86,7 +86,7 @@ def file_sizes(fp32_model, int8_model, folder: str) -> dict[str, int]:
     with open(weights, "rb") as source, gzip.open(weights + ".gz", "wb", compresslevel=6) as target:
         shutil.copyfileobj(source, target)
     # torch.save of the int8 state dict only measures its size: it pickles engine-specific packed weights and is not
-    # a format to ship (see hf_compress.quantization).
+    # a format to ship (see hf_compress.deploy.quantization).
     int8_file = os.path.join(folder, "int8.pt")
     torch.save(int8_model.state_dict(), int8_file)
     return {

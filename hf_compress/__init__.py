@@ -1,32 +1,52 @@
 """hf-compress: distillation and structured pruning for Hugging Face transformers."""
 
 from .architectures import ArchitectureSpec, get_spec, register_architecture, supported_model_types
-from .checkpoint import load_compressed
 from .data import HubUnreachableError, load_text_classification_dataset, require_hub_or_local
-from .distillation_config import DistillationTrainingArguments
-from .distillation_trainer import DistillationTrainer
-from .hub import push_compressed_to_hub
-from .importance import ImportanceScores, compute_importance, compute_layer_importance
-from .latency import measure_latency
-from .magnitude_callback import GradualMagnitudePruningCallback
-from .model_card import build_comparison, create_model_card, describe_model
-from .pruner import PruningReport, apply_plan, load_plan, prune, save_plan
-from .pruning_callback import GradualStructuredPruningCallback
-from .pruning_config import PruningConfig
-from .quantization import from_pretrained_int8, quantize_dynamic_int8
-from .report import CompressionReport, ModelSummary, compression_report, format_bytes
-from .schedules import CubicSparsitySchedule, cubic_sparsity
-from .structured import (
-    ModelStructure,
+from .deploy import (
+    build_comparison,
+    create_model_card,
+    describe_model,
+    from_pretrained_int8,
+    load_compressed,
+    measure_latency,
+    push_compressed_to_hub,
+    quantize_dynamic_int8,
+)
+from .distillation import (
+    DistillationTrainer,
+    DistillationTrainingArguments,
+    TeacherCache,
+    TeacherCacheCorruptedError,
+    bert_to_distilbert,
+    create_student,
+    select_layers,
+)
+from .pruning import (
+    CubicSparsitySchedule,
+    GradualMagnitudePruningCallback,
+    GradualStructuredPruningCallback,
+    ImportanceScores,
+    PruningConfig,
+    PruningReport,
+    SparsityReport,
+    apply_plan,
+    compute_importance,
+    compute_layer_importance,
+    cubic_sparsity,
     drop_layers,
-    get_structure,
+    l1_penalty,
+    load_plan,
+    magnitude_prune,
+    make_permanent,
+    prune,
     prune_ffn_neurons,
     prune_heads,
     round_ffn_plan,
+    save_plan,
+    sparsity_report,
 )
-from .students import bert_to_distilbert, create_student, select_layers
-from .teacher_cache import TeacherCache, TeacherCacheCorruptedError
-from .unstructured import SparsityReport, l1_penalty, magnitude_prune, make_permanent, sparsity_report
+from .report import CompressionReport, ModelSummary, compression_report, format_bytes
+from .structure import ModelStructure, get_structure
 
 __version__ = "0.1.0"
 

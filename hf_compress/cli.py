@@ -47,10 +47,10 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from .checkpoint import load_compressed
 from .data import _TEXT_COLUMNS, HubUnreachableError, _labels_to_ids, _load_local_folder, require_hub_or_local
-from .pruner import apply_plan, load_plan, prune, save_plan
-from .pruning_config import PruningConfig
+from .deploy.checkpoint import load_compressed
+from .pruning.config import PruningConfig
+from .pruning.pruner import apply_plan, load_plan, prune, save_plan
 
 logger = hf_logging.get_logger(__name__)
 

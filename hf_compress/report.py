@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedModel
 
 from .architectures import get_layers, get_spec
-from .structured import ModelStructure, get_structure
+from .structure import ModelStructure, get_structure
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,7 @@ class ModelSummary:
         parameters: Number of parameters (tied weights counted once).
         size_bytes: Bytes of tensor data `save_pretrained` writes to safetensors (tied weights once; the file adds a
             JSON header of a few KB).
-        structure: Heads and FFN neurons of each layer (`hf_compress.structured.ModelStructure`).
+        structure: Heads and FFN neurons of each layer (`hf_compress.pruning.structured.ModelStructure`).
         flops_per_token: Encoder FLOPs per token at the report's sequence length: the q/k/v/output and FFN
             projections (2 FLOPs per multiply-add) plus attention scores and their weighted sum (`4 * seq_len` FLOPs
             per head dimension). Embeddings, layer norms, softmax and the task head are left out: pruning does not

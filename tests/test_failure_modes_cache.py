@@ -21,11 +21,11 @@ from conftest import random_batch, tiny_model
 from test_distillation_trainer import make_batch, to_dataset
 from test_teacher_cache import cached_trainer, count_forwards
 
-from hf_compress.teacher_cache import CacheLayout, TeacherCache
+from hf_compress.distillation.teacher_cache import CacheLayout, TeacherCache
 
 NAMES = ("attention_mask", "input_ids")
 LAYOUT = CacheLayout(token_level=False, hidden_states=(2,), attentions=(1,))
-LOGGER = "hf_compress.teacher_cache"
+LOGGER = "hf_compress.distillation.teacher_cache"
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +195,11 @@ def test_a_truncated_file_is_refused_and_rebuilt(tmp_path, teacher, caplog):
 
 
 def test_blocks_are_checked_lazily_each_once(tmp_path):
-    from hf_compress.mmap_safetensors import MappedSafetensors, SafetensorsCorruptedError, SafetensorsWriter
+    from hf_compress.distillation.mmap_safetensors import (
+        MappedSafetensors,
+        SafetensorsCorruptedError,
+        SafetensorsWriter,
+    )
 
     path = str(tmp_path / "blocks.safetensors")
     writer = SafetensorsWriter(path, {"x": (torch.float32, (100, 4))}, {}, block_bytes=160)  # 10 rows per block
@@ -304,7 +308,7 @@ def test_a_temp_file_is_kept_while_its_lock_is_held_even_if_its_pid_looks_dead(t
     # A build in another PID namespace (a container sharing the folder) has a PID this process cannot see.
     import fcntl
 
-    from hf_compress import teacher_cache
+    from hf_compress.distillation import teacher_cache
 
     dead = os.fork()
     if dead == 0:

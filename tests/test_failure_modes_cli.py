@@ -22,11 +22,11 @@ from hf_compress import (
     load_compressed,
     prune,
     prune_ffn_neurons,
-    pruning_config,
     round_ffn_plan,
     save_plan,
 )
 from hf_compress.cli import main
+from hf_compress.pruning import config as pruning_config
 
 SENTENCES = [
     "the movie was great fun",

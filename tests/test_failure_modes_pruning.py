@@ -24,7 +24,7 @@ from hf_compress import (
     push_compressed_to_hub,
     quantize_dynamic_int8,
 )
-from hf_compress.unstructured import magnitude_prune, sparsity_report
+from hf_compress.pruning.unstructured import magnitude_prune, sparsity_report
 
 MAX_STEPS = 24
 

@@ -87,7 +87,7 @@ def test_push_uploads_model_tokenizer_card_and_comparison(hub, tiny_tokenizer):
 
 
 def test_pruned_model_ships_its_remote_code(hub):
-    from hf_compress.structured import prune_heads
+    from hf_compress.pruning.structured import prune_heads
 
     model = tiny_model("bert")
     prune_heads(model, {0: [1, 2]})
@@ -108,6 +108,6 @@ def test_bad_card_fails_before_any_upload(hub):
 
 
 def test_only_the_main_process_pushes(hub, monkeypatch):
-    monkeypatch.setattr("hf_compress.hub.PartialState", lambda: type("State", (), {"is_main_process": False}))
+    monkeypatch.setattr("hf_compress.deploy.hub.PartialState", lambda: type("State", (), {"is_main_process": False}))
     assert push_compressed_to_hub(tiny_model("bert"), "me/x") is None
     assert hub["create_repo"] == [] and hub["upload_folder"] == []

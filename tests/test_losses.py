@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_compress.losses import (
+from hf_compress.distillation.losses import (
     attention_kl_loss,
     cross_entropy_loss,
     hidden_state_loss,

@@ -7,8 +7,8 @@ from transformers import AutoModelForSequenceClassification, Trainer, TrainerCal
 
 from hf_compress import get_spec
 from hf_compress.architectures import get_layers
-from hf_compress.magnitude_callback import GradualMagnitudePruningCallback
-from hf_compress.schedules import cubic_sparsity
+from hf_compress.pruning.magnitude_callback import GradualMagnitudePruningCallback
+from hf_compress.pruning.schedules import cubic_sparsity
 
 # Prune at steps 2, 4, 6 of 8: targets 0 (s_i), 0.6125, 0.7.
 PRUNING = dict(final_sparsity=0.7, begin_step=2, end_step=6, frequency=2)

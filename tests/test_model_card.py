@@ -5,7 +5,7 @@ from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
 from hf_compress import build_comparison, create_model_card, create_student, describe_model
-from hf_compress.model_card import TEMPLATE_PATH
+from hf_compress.deploy.model_card import TEMPLATE_PATH
 
 TEACHER_ID = "textattack/bert-base-uncased-SST-2"
 
@@ -131,7 +131,9 @@ def test_card_without_comparison_reads_config_from_folder(distilled):
 
 def test_only_the_main_process_writes(distilled, monkeypatch):
     _, student, comparison, folder = distilled
-    monkeypatch.setattr("hf_compress.model_card.PartialState", lambda: type("State", (), {"is_main_process": False}))
+    monkeypatch.setattr(
+        "hf_compress.deploy.model_card.PartialState", lambda: type("State", (), {"is_main_process": False})
+    )
     assert create_model_card(folder, student, comparison=comparison) is None
     assert not (folder / "README.md").exists()
 

@@ -20,7 +20,7 @@ from hf_compress import (
     save_plan,
 )
 from hf_compress.architectures import get_layers, get_spec
-from hf_compress.mask_search import UnitCosts, balance_kinds, unit_costs
+from hf_compress.pruning.search import UnitCosts, balance_kinds, unit_costs
 
 
 def _batches(num: int = 4, **kwargs) -> list[dict]:

@@ -20,8 +20,8 @@ from hf_compress import (
     prune_heads,
 )
 from hf_compress.architectures import get_layers, get_spec
-from hf_compress.mask_search import Selection, unit_costs
-from hf_compress.pruning_callback import _parameter_slices, _rewire_optimizer
+from hf_compress.pruning.search import Selection, unit_costs
+from hf_compress.pruning.structured_callback import _parameter_slices, _rewire_optimizer
 
 BEGIN, END, FREQUENCY, MAX_STEPS = 2, 14, 4, 24
 

@@ -5,9 +5,9 @@ from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 from transformers import AutoModelForSequenceClassification
 
-from hf_compress.quantization import from_pretrained_int8, quantize_dynamic_int8
-from hf_compress.structured import prune_ffn_neurons, prune_heads
-from hf_compress.unstructured import magnitude_prune, make_permanent
+from hf_compress.deploy.quantization import from_pretrained_int8, quantize_dynamic_int8
+from hf_compress.pruning.structured import prune_ffn_neurons, prune_heads
+from hf_compress.pruning.unstructured import magnitude_prune, make_permanent
 
 # The stated tolerance on these tiny random models: int8 outputs differ from fp32 by at most 5% of the largest fp32
 # output (measured: 1.1-3.3%). On the real SST-2 MiniLM teacher the benchmark measures accuracy instead.

@@ -3,7 +3,7 @@ import re
 import pytest
 
 from hf_compress import GradualMagnitudePruningCallback, GradualStructuredPruningCallback, PruningConfig
-from hf_compress.schedules import CubicSparsitySchedule, cubic_sparsity, validate_step_range
+from hf_compress.pruning.schedules import CubicSparsitySchedule, cubic_sparsity, validate_step_range
 
 
 def zhu_gupta(t, s_i, s_f, t0, n, dt):

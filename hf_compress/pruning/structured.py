@@ -4,7 +4,7 @@ transformers 5 dropped `prune_heads` and `config.pruned_heads`; these functions 
 architecture (see `architectures.py`) and go further: FFN neurons, whole layers, and layers left with no heads or no
 neurons at all. Every function edits the model in place, takes indices into the model's *current* heads / neurons /
 layers (so calls compose), checks all its input before touching the model, and keeps the config and class in step
-with the modules so that `save_pretrained` writes a checkpoint that loads (see `checkpoint.py`).
+with the modules so that `save_pretrained` writes a checkpoint that loads (see `hf_compress.structure`).
 
 Removing a head or neuron gives exactly the outputs of the unpruned model with that unit's contribution zeroed (the
 matching input columns of the attention output / FFN down projection set to zero).
@@ -15,72 +15,14 @@ from __future__ import annotations
 import operator
 import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .architectures import ArchitectureSpec, get_base_model, get_layers, get_spec
-from .checkpoint import record_structure
-from .remote_code.modeling_hf_compress import EmptyAttention, set_head_count, set_submodule
-
-
-@dataclass(frozen=True)
-class ModelStructure:
-    """The per-layer shape of an encoder: what pruning has left of it.
-
-    Args:
-        heads: Attention heads of each layer.
-        ffn: FFN neurons (intermediate size) of each layer.
-        head_dim: Size of one attention head (pruning never changes it).
-        max_heads: Heads of an unpruned layer (`config.num_attention_heads`, which pruning leaves as it was).
-    """
-
-    heads: tuple[int, ...]
-    ffn: tuple[int, ...]
-    head_dim: int
-    max_heads: int
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.heads)
-
-    @property
-    def is_stock(self) -> bool:
-        """Whether stock transformers can build this shape: every head kept and one FFN width for all layers."""
-        return all(h == self.max_heads for h in self.heads) and len(set(self.ffn)) <= 1
-
-    def to_dict(self) -> dict:
-        """Plain data: `{"heads": [...], "ffn": [...], "head_dim": ..., "max_heads": ...}`."""
-        return {**asdict(self), "heads": list(self.heads), "ffn": list(self.ffn)}
-
-
-def get_structure(model: PreTrainedModel) -> ModelStructure:
-    """Read the current per-layer structure (heads and FFN neurons per layer) from the model's modules.
-
-    Args:
-        model: A model of a registered architecture, pruned or not.
-
-    Returns:
-        A `ModelStructure`; `structure.heads[i]` and `structure.ffn[i]` are layer `i`'s heads and FFN neurons.
-
-    Example:
-    ```python
-    structure = get_structure(model)
-    print(structure.heads, structure.ffn)  # (12, 10, 0, 12) (3072, 3072, 1024, 3072)
-    ```
-    """
-    spec = get_spec(model)
-    head_dim = spec.head_dim(model.config)
-    heads, ffn = [], []
-    for layer in get_layers(model):
-        if isinstance(layer.get_submodule(spec.attention_core), EmptyAttention):
-            heads.append(0)
-        else:
-            heads.append(layer.get_submodule(spec.query).out_features // head_dim)
-        ffn.append(layer.get_submodule(spec.ffn_in).out_features)
-    return ModelStructure(tuple(heads), tuple(ffn), head_dim, spec.num_heads(model.config))
+from ..architectures import ArchitectureSpec, get_base_model, get_layers, get_spec
+from ..remote_code.modeling_hf_compress import EmptyAttention, set_head_count, set_submodule
+from ..structure import get_structure, record_structure
 
 
 def prune_heads(model: PreTrainedModel, heads_to_prune: Mapping[int, Iterable[int]]) -> None:

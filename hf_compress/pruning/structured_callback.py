@@ -1,7 +1,7 @@
 """Gradual structured pruning during training: remove heads and FFN neurons step by step, as a `TrainerCallback`.
 
 Every `frequency` steps between `begin_step` and `end_step` the model is physically shrunk towards the budget of a
-`PruningConfig`, following the cubic schedule of Zhu & Gupta (2017) (`hf_compress.schedules`): fast while much is
+`PruningConfig`, following the cubic schedule of Zhu & Gupta (2017) (`hf_compress.pruning.schedules`): fast while much is
 redundant, slowly near the end, so the model adapts between steps. Works with `Trainer` and its subclasses
 (`DistillationTrainer`: prune while distilling).
 
@@ -48,12 +48,13 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
-from .architectures import get_layers, get_spec
+from ..architectures import get_layers, get_spec
+from ..structure import get_structure
+from .config import PruningConfig
 from .importance import UnitMasks, compute_importance
-from .mask_search import BALANCED_METHODS, Selection, balance_kinds, select_units, structure_cost, unit_costs
-from .pruning_config import PruningConfig
 from .schedules import CubicSparsitySchedule, resolve_step_range, validate_step_range
-from .structured import get_structure, prune_ffn_neurons, prune_heads
+from .search import BALANCED_METHODS, Selection, balance_kinds, select_units, structure_cost, unit_costs
+from .structured import prune_ffn_neurons, prune_heads
 
 logger = logging.get_logger(__name__)
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from .architectures import get_spec
-from .pruning_config import PruningConfig
+from ..architectures import get_spec
+from .config import PruningConfig
 
 # Scores whose heads and neurons are not on one scale (see `balance_kinds`); Fisher scores estimate the loss increase
 # of removing a unit and are compared as they are.

@@ -18,7 +18,7 @@ as flat arrays with offsets (`tokens` rows for example `i` are `token_offsets[i]
 through memory maps, so gigabytes of hidden states are paged in on demand rather than loaded.
 
 **Integrity.** The file carries a header checksum and a CRC-32 per block of about 256 KiB of every tensor
-(`hf_compress.mmap_safetensors`). Opening it checks the header and the whole key index (keys and offsets); every data
+(`hf_compress.distillation.mmap_safetensors`). Opening it checks the header and the whole key index (keys and offsets); every data
 block is checked the first time a lookup reads it. Damage found when `load_or_build` opens the file (header, index,
 truncation) makes it rebuild the file, with a warning; damage found in a data block during training raises
 `TeacherCacheCorruptedError` naming the file, tensor and block, and deletes the file so the next run rebuilds it.
@@ -64,7 +64,7 @@ except ImportError:  # pragma: no cover
 
 logger = logging.get_logger(__name__)
 
-CACHE_FORMAT = "hf_compress.teacher_cache"
+CACHE_FORMAT = "hf_compress.teacher_cache"  # stored in every cache file: a format id, not a module path
 # Bump when the key function or the file layout changes: it enters the teacher fingerprint, so old files are unused.
 # 2: block and header checksums (files of version 1 have none, so they are not trusted).
 CACHE_VERSION = 2

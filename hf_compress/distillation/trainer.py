@@ -1,7 +1,7 @@
 """`DistillationTrainer`: swap `Trainer` for it to train a student against a frozen teacher.
 
 The loss is `alpha * soft + (1 - alpha) * hard + hidden_loss_weight * hidden + attention_loss_weight * attention`
-(see `DistillationTrainingArguments`); every part is a pure function of `hf_compress.losses`.
+(see `DistillationTrainingArguments`); every part is a pure function of `hf_compress.distillation.losses`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_utils import EvalLoopOutput, TrainOutput
 from transformers.utils import ModelOutput, logging
 
-from .architectures import supported_model_types
-from .distillation_checks import (
+from ..architectures import supported_model_types
+from ..deploy.model_card import COMPARISON_FILE, create_model_card
+from ..pruning.unstructured import l1_penalty
+from .checks import (
     _attention_pairs,
     _attention_position,
     _check_compatible,
@@ -34,7 +36,7 @@ from .distillation_checks import (
     _switch_off_attention_dropout,
     _task_of,
 )
-from .distillation_config import DistillationTrainingArguments
+from .config import DistillationTrainingArguments
 from .losses import (
     attention_kl_loss,
     cross_entropy_loss,
@@ -43,9 +45,7 @@ from .losses import (
     soft_kl_loss,
     token_kl_loss,
 )
-from .model_card import COMPARISON_FILE, create_model_card
 from .teacher_cache import CacheLayout, TeacherCache, check_cacheable
-from .unstructured import l1_penalty
 
 logger = logging.get_logger(__name__)
 

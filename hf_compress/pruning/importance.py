@@ -42,8 +42,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from .architectures import get_layers, get_spec
-from .structured import get_structure
+from ..architectures import get_layers, get_spec
+from ..structure import get_structure
 
 logger = logging.getLogger(__name__)
 

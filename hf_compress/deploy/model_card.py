@@ -35,8 +35,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import PreTrainedModel
 
-from .report import format_bytes
-from .structured import get_structure
+from ..report import format_bytes
+from ..structure import get_structure
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
 COMPARISON_FILE = "comparison.json"

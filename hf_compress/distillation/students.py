@@ -42,8 +42,8 @@ from transformers import (
     PreTrainedModel,
 )
 
-from .architectures import get_base_model, get_layers, get_spec
-from .structured import drop_layers
+from ..architectures import get_base_model, get_layers, get_spec
+from ..pruning.structured import drop_layers
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ print(report)
 ```
 
 The steps: remove the layers `config.layers` asks for, score every head and FFN neuron on the calibration batches
-(`importance.py`), choose what to keep under the budget (`mask_search.py`), fit least-squares scales of the kept units
+(`importance.py`), choose what to keep under the budget (`search.py`), fit least-squares scales of the kept units
 so each layer reproduces the unpruned model's output (`rescale.py`), and finally apply the plan with the structured
 pruning functions, folding the scales into the output projections. Everything before the last step only reads the
 model, so a call that fails leaves it as it was.
@@ -29,13 +29,14 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from .architectures import get_layers, get_spec
+from ..architectures import get_layers, get_spec
+from ..report import CompressionReport, ModelSummary, summarize
+from ..structure import get_structure
+from .config import PruningConfig
 from .importance import ImportanceScores, compute_importance, compute_layer_importance, prepare_batch
-from .mask_search import BALANCED_METHODS, Selection, balance_kinds, select_units, unit_costs
-from .pruning_config import PruningConfig
-from .report import CompressionReport, ModelSummary, summarize
 from .rescale import fit_rescale
-from .structured import drop_layers, get_structure, prune_ffn_neurons, prune_heads
+from .search import BALANCED_METHODS, Selection, balance_kinds, select_units, unit_costs
+from .structured import drop_layers, prune_ffn_neurons, prune_heads
 
 logger = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from huggingface_hub import CommitInfo, HfApi, ModelCard
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging
 
+from ..pruning.unstructured import _pruned_tensor_names, _save_pretrained_folded
 from .model_card import COMPARISON_FILE, create_model_card
-from .unstructured import _pruned_tensor_names, _save_pretrained_folded
 
 logger = logging.get_logger(__name__)
 

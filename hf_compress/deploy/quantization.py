@@ -33,8 +33,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from ..pruning.unstructured import make_permanent
 from .checkpoint import _from_pretrained
-from .unstructured import make_permanent
 
 _SAVE_ERROR = (
     "This model was dynamically quantized to int8 by hf_compress: its linear layers hold packed int8 weights that "

@@ -49,7 +49,7 @@ class GradualMagnitudePruningCallback(TrainerCallback):
         frequency: Steps between two pruning steps.
         scope: `"global"` (one magnitude threshold over all selected weights) or `"layer"` (one per module).
         include: Module-name patterns of the `nn.Linear` modules to prune (default: every linear layer inside the
-            transformer layers; rules in `hf_compress.unstructured`).
+            transformer layers; rules in `hf_compress.pruning.unstructured`).
         exclude: Module-name patterns removed from the selection.
 
     Attributes:

@@ -26,11 +26,11 @@ from transformers.models.auto.modeling_auto import (
 )
 from transformers.utils import logging
 
-from .architectures import get_layers, get_spec, supported_model_types
-from .checkpoint import load_compressed
-from .pruning_callback import GradualStructuredPruningCallback
-from .remote_code.modeling_hf_compress import CONFIG_KEY
-from .structured import get_structure
+from ..architectures import get_layers, get_spec, supported_model_types
+from ..deploy.checkpoint import load_compressed
+from ..pruning.structured_callback import GradualStructuredPruningCallback
+from ..remote_code.modeling_hf_compress import CONFIG_KEY
+from ..structure import get_structure
 
 logger = logging.get_logger(__name__)
 

@@ -51,7 +51,7 @@ from torch import nn
 from torch.nn.utils import prune
 from transformers.utils import logging
 
-from .architectures import get_layers
+from ..architectures import get_layers
 
 logger = logging.get_logger(__name__)
 

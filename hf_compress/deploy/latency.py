@@ -7,7 +7,7 @@ are meaningless without it.
 
 Example:
     ```python
-    from hf_compress.latency import measure_latency
+    from hf_compress.deploy.latency import measure_latency
 
     batch = tokenizer(sentences, padding="max_length", max_length=128, truncation=True, return_tensors="pt")
     result = measure_latency(model, batch, warmup=3, repeats=20, threads=2)

@@ -32,10 +32,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from .architectures import get_layers, get_spec
+from ..architectures import get_layers, get_spec
+from ..structure import get_structure
 from .importance import UnitMasks
-from .mask_search import Selection
-from .structured import get_structure
+from .search import Selection
 
 logger = logging.getLogger(__name__)
 
