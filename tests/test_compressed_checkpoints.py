@@ -147,7 +147,7 @@ def test_uniform_structure_saves_a_plain_stock_checkpoint(model_type, tmp_path):
     model = tiny_model(model_type)
     stock_class = type(model)
     drop_layers(model, [1])
-    plan = round_ffn_plan(model, {0: list(range(10)), 1: [0, 1], 2: []}, uniform=True, multiple_of=4)
+    plan = round_ffn_plan(model, {0: list(range(10)), 1: [0, 1], 2: []}, uniform=True, round_to=4)
     prune_ffn_neurons(model, plan)
     assert get_structure(model).ffn == (20, 20, 20)  # kept 14, 22, 24: mean 20
     model.save_pretrained(tmp_path)

@@ -328,10 +328,10 @@ def test_round_ffn_plan_uniform_must_name_every_layer():
     model = tiny_model("bert")  # 4 layers of 24 neurons
     plan = {0: list(range(12)), 1: list(range(12))}
     with pytest.raises(ValueError, match=r"layers \[2, 3\].*\{2: \[\]\}.*uniform=False"):
-        round_ffn_plan(model, plan, uniform=True, multiple_of=4)
+        round_ffn_plan(model, plan, uniform=True, round_to=4)
     # Without uniform, the layers the plan does not name stay whole.
-    assert round_ffn_plan(model, plan, multiple_of=4) == plan
+    assert round_ffn_plan(model, plan, round_to=4) == plan
     # Naming every layer says the untouched ones take part: mean kept width (12 + 12 + 24 + 24) / 4 = 18 -> 20.
-    rounded = round_ffn_plan(model, {**plan, 2: [], 3: []}, uniform=True, multiple_of=4)
+    rounded = round_ffn_plan(model, {**plan, 2: [], 3: []}, uniform=True, round_to=4)
     prune_ffn_neurons(model, rounded)
     assert get_structure(model).ffn == (20, 20, 20, 20)

@@ -211,7 +211,7 @@ def test_attention_loss_with_fewer_student_heads_and_average_heads_equals_head_a
 
 
 def _pruning_callback() -> GradualStructuredPruningCallback:
-    config = PruningConfig(target="ratios", head_ratio=0.5, ffn_ratio=0.5, importance="magnitude")
+    config = PruningConfig(target="ratios", head_keep=0.5, ffn_keep=0.5, importance="magnitude")
     return GradualStructuredPruningCallback(config, begin_step=1, end_step=3, frequency=1)
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from hf_compress import ImportanceScores, compute_importance, compute_layer_importance, drop_layers, prune_heads
 from hf_compress.architectures import get_layers, get_spec
-from hf_compress.pruning.importance import UnitMasks
+from hf_compress.pruning.unit_masks import UnitMasks
 
 DEAD_LAYER, DEAD_HEAD, DEAD_NEURON = 1, 2, 5
 

@@ -20,7 +20,7 @@ from hf_compress import (
     save_plan,
 )
 from hf_compress.architectures import get_layers, get_spec
-from hf_compress.pruning.search import UnitCosts, balance_kinds, unit_costs
+from hf_compress.pruning.search import Selection, UnitCosts, balance_kinds, unit_costs
 
 
 def _batches(num: int = 4, **kwargs) -> list[dict]:
@@ -95,7 +95,7 @@ def test_rescale_reduces_reconstruction_error():
     """The least-squares scales lower the error of the first pruned layer's output (residual + FFN, before its norm)."""
     reference = tiny_model("bert", intermediate_size=48)
     batches = _batches()
-    config = PruningConfig(target="ratios", ffn_ratio=0.5, scope="layer", rescale_damping=1e-3)
+    config = PruningConfig(target="ratios", ffn_keep=0.5, scope="layer", rescale_damping=1e-3)
     plain, rescaled = copy.deepcopy(reference), copy.deepcopy(reference)
     scores = compute_importance(reference, batches, show_progress=False)
     prune(plain, PruningConfig(**{**config.to_dict(), "rescale": False}), batches, scores=scores, show_progress=False)
@@ -160,9 +160,22 @@ def test_already_pruned_model_and_layer_count():
 
 def test_ratios():
     model = tiny_model("bert")
-    prune(model, PruningConfig(target="ratios", head_ratio=0.25, ffn_ratio=0.5), _batches(), show_progress=False)
+    prune(model, PruningConfig(target="ratios", head_keep=0.75, ffn_keep=0.5), _batches(), show_progress=False)
     structure = get_structure(model)
     assert sum(structure.heads) == 12 and sum(structure.ffn) == 48
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_deprecated_ratio_names_prune_exactly_as_the_fractions_kept(scope):
+    """`head_ratio` / `ffn_ratio` (fractions removed) still work, with a FutureWarning, and remove the same units."""
+    with pytest.warns(FutureWarning, match=r"head_ratio=\.\.\.\) is deprecated: pass head_keep=0\.75"):
+        old = PruningConfig(target="ratios", head_ratio=0.25, ffn_ratio=0.5, scope=scope, rescale=False)
+    new = PruningConfig(target="ratios", head_keep=0.75, ffn_keep=0.5, scope=scope, rescale=False)
+    assert old == new and old.to_dict() == new.to_dict()
+    models = [tiny_model("bert") for _ in range(2)]
+    plans = [prune(m, c, _batches(), show_progress=False).plan for m, c in zip(models, (old, new), strict=True)]
+    assert plans[0] == plans[1]
+    assert all(torch.equal(a, b) for a, b in zip(_state(models[0]).values(), _state(models[1]).values(), strict=True))
 
 
 def test_failures_leave_the_model_untouched():
@@ -197,9 +210,15 @@ def test_failures_leave_the_model_untouched():
         ({"importance": "l1"}, "importance='l1'"),
         ({"scope": "model"}, "scope='model'"),
         ({"head_ratio": 0.5}, "only applies with target='ratios'"),
-        ({"target": "ratios"}, "needs at least one of head_ratio"),
+        ({"head_keep": 0.5}, "head_keep=0.5 only applies with target='ratios'"),
+        ({"target": "ratios"}, "needs at least one of head_keep or ffn_keep below 1, or layers"),
+        ({"target": "ratios", "head_keep": 1.0, "ffn_keep": 1}, "needs at least one of head_keep or ffn_keep"),
         ({"target": "ratios", "ffn_ratio": 1.0}, r"ffn_ratio=1.0 must be in \[0, 1\)"),
+        ({"target": "ratios", "ffn_keep": 0.0}, r"ffn_keep=0.0 must be in \(0, 1\]: the fraction of FFN neurons"),
+        ({"target": "ratios", "head_keep": 1.5}, r"head_keep=1.5 must be in \[0, 1\]: the fraction of attention"),
         ({"target": "ratios", "head_ratio": 0.5, "uniform": True}, "uniform=True keeps every attention head"),
+        ({"target": "ratios", "head_keep": 0.5, "uniform": True}, "uniform=True keeps every attention head"),
+        ({"target": "ratios", "head_ratio": 0.5, "head_keep": 0.5}, "were both given; pass only head_keep"),
         ({"round_to": 0}, "round_to=0"),
         ({"layers": [1, 1]}, "more than once"),
         ({"layers": -1}, "layers=-1"),
@@ -239,3 +258,16 @@ def test_magnitude_prunes_heads_and_neurons_alike():
     prune(model, PruningConfig(keep=0.5, importance="magnitude", rescale=False), show_progress=False)
     structure = get_structure(model)
     assert 0 < sum(structure.heads) < 16 and 0 < sum(structure.ffn) < 4 * 48
+
+
+def test_selection_removed_lists_what_each_kept_layer_loses():
+    structure = get_structure(tiny_model("bert"))  # 4 layers of 4 heads and 24 neurons
+    selection = Selection(
+        heads=[[0, 2, 3], [], [0, 1, 2, 3], []],
+        ffn=[list(range(24)), list(range(1, 24)), list(range(12)), []],
+        layers=[3],
+    )
+    heads, ffn = selection.removed(structure)
+    # Layer 1 loses every head, layer 3 goes whole (not listed), untouched layers are left out.
+    assert heads == {0: [1], 1: [0, 1, 2, 3]}
+    assert ffn == {1: [0], 2: list(range(12, 24))}

@@ -20,8 +20,8 @@ from hf_compress import (
     prune_heads,
 )
 from hf_compress.architectures import get_layers, get_spec
+from hf_compress.pruning.optimizer_surgery import parameter_slices, rewire_optimizer
 from hf_compress.pruning.search import Selection, unit_costs
-from hf_compress.pruning.structured_callback import _parameter_slices, _rewire_optimizer
 
 BEGIN, END, FREQUENCY, MAX_STEPS = 2, 14, 4, 24
 
@@ -97,7 +97,7 @@ def test_reaches_flops_target_on_schedule_and_keeps_training(tmp_path, model_typ
 def test_ratios_with_distillation_trainer(tmp_path):
     student = tiny_model("bert").train()
     teacher = copy.deepcopy(student).eval()
-    config = PruningConfig(target="ratios", head_ratio=0.5, ffn_ratio=0.5, importance="taylor")
+    config = PruningConfig(target="ratios", head_keep=0.5, ffn_keep=0.5, importance="taylor")
     callback = GradualStructuredPruningCallback(config, begin_step=BEGIN, end_step=END, frequency=FREQUENCY)
     trainer = DistillationTrainer(
         model=student,
@@ -111,6 +111,25 @@ def test_ratios_with_distillation_trainer(tmp_path):
     assert sum(structure.heads) == 8 and sum(structure.ffn) == 48
     _check_optimizer(trainer)
     assert all(math.isfinite(loss) for loss in _losses(trainer))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"head_keep": 0.5}, {"head_keep": 0.5, "ffn_keep": 1.0}, {"head_ratio": 0.5, "ffn_ratio": 0.0}],
+    ids=["head_keep", "ffn_keep=1", "deprecated_ffn_ratio=0"],
+)
+def test_ratios_of_heads_only_reach_the_target(tmp_path, kwargs):
+    """A step that removes nothing (here the last: 8 heads are already gone) once built an invalid PruningConfig."""
+    model = tiny_model("bert").train()
+    config = PruningConfig(target="ratios", importance="taylor", **kwargs)
+    callback = GradualStructuredPruningCallback(config, begin_step=BEGIN, end_step=END, frequency=FREQUENCY)
+    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=_dataset(), callbacks=[callback])
+    trainer.train()
+    structure = get_structure(trainer.model)
+    assert sum(structure.heads) == 8 and sum(structure.ffn) == 96
+    assert [step for step, _ in callback.history] == [6, 10, 14]
+    assert callback.history[-1][1] == callback.history[-2][1]  # nothing left to remove at step 14
+    _check_optimizer(trainer)
 
 
 def test_magnitude_uniform_keeps_stock_shape(tmp_path):
@@ -144,10 +163,10 @@ def test_optimizer_state_follows_the_kept_rows_and_columns(model_type):
         ffn=[list(range(1, 24))] + [list(range(24))] * 3,
         layers=[],
     )
-    slices = _parameter_slices(model, selection)
+    slices = parameter_slices(model, selection)
     prune_heads(model, {0: [1], 1: [0, 1, 2, 3]})
     prune_ffn_neurons(model, {0: [0]})
-    _rewire_optimizer(optimizer, slices)
+    rewire_optimizer(optimizer, slices)
 
     head_dim = spec.head_dim(model.config)
     rows = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in (0, 2, 3)])

@@ -9,6 +9,8 @@ from torch import nn
 
 from hf_compress import drop_layers, get_spec, get_structure, prune_ffn_neurons, prune_heads, round_ffn_plan
 from hf_compress.architectures import get_layers
+from hf_compress.pruning.search import round_width
+from hf_compress.pruning.structured import unit_feature_indices
 from hf_compress.remote_code.modeling_hf_compress import EmptyAttention
 
 # Tiny models have 4 layers, 4 heads of size 4 and 24 FFN neurons. Layer 1 loses every head, layer 2 every neuron.
@@ -255,7 +257,7 @@ def test_round_ffn_plan_uniform_gives_a_stock_model(model_type):
     stock_class = type(model)
     # Keeps 20, 14, 24, 12; a uniform plan names every layer, even one it leaves whole.
     plan = {0: list(range(4)), 1: list(range(10)), 2: [], 3: [0, 1, 2, 3, 5, 6, 7, 8, 9, 11, 13, 15]}
-    rounded = round_ffn_plan(model, plan, uniform=True, multiple_of=8)  # mean 17.5 -> 16 for every layer
+    rounded = round_ffn_plan(model, plan, uniform=True, round_to=8)  # mean 17.5 -> 16 for every layer
     prune_ffn_neurons(model, rounded)
     assert get_structure(model).ffn == (16, 16, 16, 16)
     assert type(model) is stock_class and get_spec(model).intermediate_size(model.config) == 16
@@ -271,13 +273,48 @@ def test_round_ffn_plan_uses_scores_and_multiples():
     # Layer 0 plans to keep 19 -> 16, so it also loses the 3 lowest-scored other neurons (0, 1, 2). Layer 1 plans to
     # keep 13 -> 16, so 3 planned neurons stay: the highest-scored, 13, 14, 15. Layers 2 and 3 lose nothing.
     plan = {0: [10, 11, 12, 13, 14], 1: list(range(13, 24))}
-    rounded = round_ffn_plan(model, plan, multiple_of=8, scores=scores)
+    rounded = round_ffn_plan(model, plan, round_to=8, scores=scores)
     assert rounded == {0: [0, 1, 2, 10, 11, 12, 13, 14], 1: list(range(16, 24))}
-    assert round_ffn_plan(model, plan) == {0: plan[0], 1: plan[1]}  # multiple_of=1: the plan as it is
-    with pytest.raises(ValueError, match="multiple_of=0 must be a positive integer"):
-        round_ffn_plan(model, plan, multiple_of=0)
+    assert round_ffn_plan(model, plan) == {0: plan[0], 1: plan[1]}  # round_to=1: the plan as it is
+    with pytest.raises(ValueError, match="round_to=0 must be a positive integer"):
+        round_ffn_plan(model, plan, round_to=0)
     with pytest.raises(ValueError, match=r"scores\[0\] has 3 values but layer 0 has 24"):
-        round_ffn_plan(model, plan, multiple_of=8, scores={0: torch.ones(3), 1: torch.ones(24)})
+        round_ffn_plan(model, plan, round_to=8, scores={0: torch.ones(3), 1: torch.ones(24)})
+
+
+def test_round_ffn_plan_multiple_of_is_a_deprecated_round_to():
+    model = tiny_model("bert")
+    scores = {0: torch.arange(24.0), 1: -torch.arange(24.0)}
+    plan = {0: [10, 11, 12, 13, 14], 1: list(range(13, 24))}
+    with pytest.warns(FutureWarning, match=r"multiple_of=\.\.\.\) is deprecated: pass round_to"):
+        rounded = round_ffn_plan(model, plan, multiple_of=8, scores=scores)
+    assert rounded == round_ffn_plan(model, plan, round_to=8, scores=scores)
+    with pytest.raises(ValueError, match="multiple_of=0 must be a positive integer"), pytest.warns(FutureWarning):
+        round_ffn_plan(model, plan, multiple_of=0)
+    with pytest.raises(ValueError, match="were both given; pass only round_to"):
+        round_ffn_plan(model, plan, multiple_of=8, round_to=4)
+
+
+@pytest.mark.parametrize(
+    ("width", "round_to", "limit", "down", "expected"),
+    [
+        (37.5, 8, 64, False, 40),  # nearest multiple
+        (36, 8, 64, False, 40),  # a tie goes up, as int(x + 0.5) does
+        (37.5, 8, 64, True, 32),  # down: budgets are met from below
+        (70, 8, 64, False, 64),  # never above the limit
+        (70, 8, 60, False, 56),  # nor above the limit's own multiple
+        (13, 1, 24, False, 13),  # round_to=1: no rounding
+        (3, 8, 24, True, 0),
+    ],
+)
+def test_round_width(width, round_to, limit, down, expected):
+    assert round_width(width, round_to, limit, down=down) == expected
+
+
+def test_unit_feature_indices():
+    assert unit_feature_indices([0, 2], 3).tolist() == [0, 1, 2, 6, 7, 8]
+    assert unit_feature_indices([5, 1], 1).tolist() == [5, 1]
+    assert unit_feature_indices([], 4).shape == (0,)
 
 
 def _learnable_dataset():

@@ -7,7 +7,8 @@ from transformers import AutoModelForSequenceClassification
 
 from hf_compress import get_spec
 from hf_compress.architectures import get_layers
-from hf_compress.pruning.unstructured import l1_penalty, magnitude_prune, make_permanent, sparsity_report
+from hf_compress.distillation.losses import l1_penalty
+from hf_compress.pruning.unstructured import magnitude_prune, make_permanent, sparsity_report
 
 
 def encoder_linears(model):

@@ -3,11 +3,13 @@
 from .config import PruningConfig
 from .importance import ImportanceScores, compute_importance, compute_layer_importance
 from .magnitude_callback import GradualMagnitudePruningCallback
-from .pruner import PruningReport, apply_plan, load_plan, prune, save_plan
+from .pruner import PruningReport, apply_plan, load_plan, make_plan, prune, save_plan
+from .rescale import fit_rescale
 from .schedules import CubicSparsitySchedule, cubic_sparsity
+from .search import Selection, select_units, unit_costs
 from .structured import drop_layers, prune_ffn_neurons, prune_heads, round_ffn_plan
 from .structured_callback import GradualStructuredPruningCallback
-from .unstructured import SparsityReport, l1_penalty, magnitude_prune, make_permanent, sparsity_report
+from .unstructured import SparsityReport, magnitude_prune, make_permanent, sparsity_report
 
 __all__ = [
     "CubicSparsitySchedule",
@@ -16,20 +18,24 @@ __all__ = [
     "ImportanceScores",
     "PruningConfig",
     "PruningReport",
+    "Selection",
     "SparsityReport",
     "apply_plan",
     "compute_importance",
     "compute_layer_importance",
     "cubic_sparsity",
     "drop_layers",
-    "l1_penalty",
+    "fit_rescale",
     "load_plan",
     "magnitude_prune",
     "make_permanent",
+    "make_plan",
     "prune",
     "prune_ffn_neurons",
     "prune_heads",
     "round_ffn_plan",
     "save_plan",
+    "select_units",
     "sparsity_report",
+    "unit_costs",
 ]

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import asdict, dataclass, field
+import os
+import warnings
+from dataclasses import InitVar, asdict, dataclass, field, fields
 from numbers import Integral, Real
 from typing import Any
 
-from .importance import IMPORTANCE_METHODS, LAYER_IMPORTANCE_METHODS
+from huggingface_hub import hf_hub_download
 
-TARGETS = ("flops", "params", "ratios")
-SCOPES = ("global", "layer")
+from .constants import IMPORTANCE_METHODS, LAYER_IMPORTANCE_METHODS, SCOPES, TARGETS
+
+PRUNING_CONFIG_NAME = "pruning_config.json"
+
+# The deprecated names of `head_keep` / `ffn_keep`: fractions *removed* (the old direction), converted as 1 - value.
+_DEPRECATED_FRACTIONS = {"head_ratio": "head_keep", "ffn_ratio": "ffn_keep"}
+# name -> (valid interval as written in errors, its test, what the fraction counts)
+_FRACTIONS = {
+    "head_keep": ("[0, 1]", lambda value: 0 <= value <= 1, "attention heads to keep"),
+    "ffn_keep": ("(0, 1]", lambda value: 0 < value <= 1, "FFN neurons to keep"),
+    "head_ratio": ("[0, 1]", lambda value: 0 <= value <= 1, "units to remove"),
+    "ffn_ratio": ("[0, 1)", lambda value: 0 <= value < 1, "units to remove"),
+}
 
 
 @dataclass
@@ -25,18 +39,18 @@ class PruningConfig:
 
     Args:
         target: `"flops"` (keep `keep` of the encoder's FLOPs per token at `seq_len`), `"params"` (keep `keep` of its
-            head and FFN parameters) or `"ratios"` (remove `head_ratio` of the heads and `ffn_ratio` of the neurons).
+            head and FFN parameters) or `"ratios"` (keep `head_keep` of the heads and `ffn_keep` of the neurons).
         keep: Fraction of the current FLOPs / parameters to keep, in (0, 1]; used by `"flops"` and `"params"`.
         importance: How heads and neurons are scored: `"fisher"` (default, Kwon et al. 2022), `"taylor"` (Michel et
             al. 2019) or `"magnitude"` (weight norms, no data needed).
         seq_len: Sequence length at which FLOPs are counted (attention costs grow with it).
-        head_ratio: With `target="ratios"`: fraction of attention heads to remove, in [0, 1].
-        ffn_ratio: With `target="ratios"`: fraction of FFN neurons to remove, in [0, 1).
+        head_keep: With `target="ratios"`: fraction of attention heads to keep, in [0, 1] (unset: all).
+        ffn_keep: With `target="ratios"`: fraction of FFN neurons to keep, in (0, 1] (unset: all).
         layers: Transformer layers to remove before anything else: a list of layer indices, or a number of layers, in
             which case the least important ones by `layer_importance` go. Their cost counts towards the budget.
         layer_importance: How layers are scored when `layers` is a number: `"cosine"` or `"loss"`.
         scope: `"global"` ranks heads and neurons across all layers (layers end up with different widths, as in Kwon
-            et al.); `"layer"` removes the same share of cost (or the same ratios) in every layer.
+            et al.); `"layer"` removes the same share of cost (or the same fractions of units) in every layer.
         uniform: Keep every head and the same FFN width in every layer, so the result is a plain stock checkpoint that
             needs no custom modeling code. The budget is then met by FFN neurons (and `layers`) alone.
         rescale: After choosing what to remove, rescale the kept heads / neurons of every layer by a least-squares fit
@@ -48,6 +62,8 @@ class PruningConfig:
         round_to: Keep FFN widths at multiples of this (default 8; 1 disables rounding). Odd widths run slower per
             FLOP: on the SST-2 MiniLM-L6 teacher pruned to 1/4 of its FLOPs (batch 32 x 128, 2 CPU threads) the
             speed-up was 3.76x with `round_to=1` and 4.03x with 8. A layer that loses nothing keeps its width.
+        head_ratio: Deprecated (constructor only), use `head_keep = 1 - head_ratio`: the fraction of heads to remove.
+        ffn_ratio: Deprecated (constructor only), use `ffn_keep = 1 - ffn_ratio`: the fraction of neurons to remove.
 
     Raises:
         ValueError: on creation, for any value of the wrong type or out of range (e.g. `keep="0.5"` or
@@ -56,6 +72,8 @@ class PruningConfig:
     Example:
     ```python
     config = PruningConfig(target="flops", keep=0.6, importance="fisher")
+    config.save_pretrained("pruned")  # pruned/pruning_config.json
+    assert PruningConfig.from_pretrained("pruned") == config
     ```
     """
 
@@ -65,11 +83,11 @@ class PruningConfig:
     )
     importance: str = field(default="fisher", metadata={"help": f"Importance score: one of {IMPORTANCE_METHODS}."})
     seq_len: int = field(default=128, metadata={"help": "Sequence length at which FLOPs per token are counted."})
-    head_ratio: float | None = field(
-        default=None, metadata={"help": "With target=ratios: fraction of attention heads to remove, in [0, 1]."}
+    head_keep: float | None = field(
+        default=None, metadata={"help": "With target=ratios: fraction of attention heads to keep, in [0, 1]."}
     )
-    ffn_ratio: float | None = field(
-        default=None, metadata={"help": "With target=ratios: fraction of FFN neurons to remove, in [0, 1)."}
+    ffn_keep: float | None = field(
+        default=None, metadata={"help": "With target=ratios: fraction of FFN neurons to keep, in (0, 1]."}
     )
     layers: int | list[int] | None = field(
         default=None,
@@ -91,8 +109,11 @@ class PruningConfig:
     rescale_damping: float = field(default=1e-2, metadata={"help": "Relative ridge damping of the rescale fit, >= 0."})
     num_batches: int | None = field(default=None, metadata={"help": "Calibration batches to use (all when unset)."})
     round_to: int = field(default=8, metadata={"help": "Keep FFN widths at multiples of this (1: no rounding)."})
+    # Deprecated aliases, accepted by the constructor only (not fields: never saved, never CLI flags).
+    head_ratio: InitVar[float | None] = None
+    ffn_ratio: InitVar[float | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, head_ratio: float | None = None, ffn_ratio: float | None = None) -> None:
         # Every bad value, of any type, is a ValueError naming the value and what is valid.
         for name, choices in (
             ("target", TARGETS),
@@ -127,23 +148,25 @@ class PruningConfig:
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ValueError(f"{name}={value!r} must be True or False.")
-        for name, upper, closed in (("head_ratio", 1, True), ("ffn_ratio", 1, False)):
-            value = getattr(self, name)
+        for old, value in (("head_ratio", head_ratio), ("ffn_ratio", ffn_ratio)):
             if value is None:
                 continue
-            bracket = "]" if closed else ")"
-            if not _is_real(value) or not (0 <= value <= upper if closed else 0 <= value < upper):
-                kind = "" if _is_real(value) else f"None or a number (not {type(value).__name__}) "
+            new = _DEPRECATED_FRACTIONS[old]
+            value = self._check_fraction(old, value)
+            if getattr(self, new) is not None:
                 raise ValueError(
-                    f"{name}={value!r} must be {kind}in [0, {upper}{bracket}: the fraction of units to remove."
+                    f"{old}={value} and {new}={getattr(self, new)!r} were both given; pass only {new} (the fraction "
+                    f"kept, 1 - {old})."
                 )
-            value = float(value)
-            setattr(self, name, value)
-            if self.target != "ratios":
-                raise ValueError(
-                    f"{name}={value} only applies with target='ratios' (target is {self.target!r}); set "
-                    f"target='ratios' or leave {name} unset and use keep."
-                )
+            warnings.warn(
+                f"PruningConfig({old}=...) is deprecated: pass {new}={1 - value:g} (the fraction kept, 1 - {old}).",
+                FutureWarning,
+                stacklevel=3,
+            )
+            setattr(self, new, 1 - value)
+        for name in ("head_keep", "ffn_keep"):
+            if getattr(self, name) is not None:
+                setattr(self, name, self._check_fraction(name, getattr(self, name)))
         layers_help = "a number of layers (e.g. 2), a list of layer indices (e.g. [1, 3]) or None"
         if isinstance(self.layers, bool) or not (
             self.layers is None or isinstance(self.layers, (Integral, list, tuple))
@@ -161,20 +184,97 @@ class PruningConfig:
             if len(set(self.layers)) != len(self.layers):
                 raise ValueError(f"layers={self.layers!r} lists a layer more than once.")
             self.layers = sorted(int(i) for i in self.layers)
-        if self.target == "ratios" and not (self.head_ratio or self.ffn_ratio or self.layers):
+        removes_heads = self.head_keep is not None and self.head_keep < 1
+        removes_neurons = self.ffn_keep is not None and self.ffn_keep < 1
+        if self.target == "ratios" and not (removes_heads or removes_neurons or self.layers):
             raise ValueError(
-                "target='ratios' needs at least one of head_ratio, ffn_ratio or layers, e.g. "
-                "PruningConfig(target='ratios', head_ratio=0.25, ffn_ratio=0.5)."
+                "target='ratios' needs at least one of head_keep or ffn_keep below 1, or layers, e.g. "
+                "PruningConfig(target='ratios', head_keep=0.75, ffn_keep=0.5)."
             )
-        if self.uniform and self.head_ratio:
+        if self.uniform and removes_heads:
             raise ValueError(
                 f"uniform=True keeps every attention head (a stock checkpoint needs the same heads everywhere), but "
-                f"head_ratio={self.head_ratio}; set head_ratio=None or uniform=False."
+                f"head_keep={self.head_keep}; set head_keep=None or uniform=False."
             )
 
+    def _check_fraction(self, name: str, value: Any) -> float:
+        """`value` of the unit fraction `name` (head_keep, ffn_keep or a deprecated alias) as a float, once checked."""
+        interval, inside, meaning = _FRACTIONS[name]
+        if not _is_real(value) or not inside(value):
+            kind = "" if _is_real(value) else f"None or a number (not {type(value).__name__}) "
+            raise ValueError(f"{name}={value!r} must be {kind}in {interval}: the fraction of {meaning}.")
+        if self.target != "ratios":
+            raise ValueError(
+                f"{name}={value} only applies with target='ratios' (target is {self.target!r}); set "
+                f"target='ratios' or leave {name} unset and use keep."
+            )
+        return float(value)
+
     def to_dict(self) -> dict[str, Any]:
-        """The config as a JSON-serialisable dict."""
+        """The config as a JSON-serialisable dict (the arguments of `PruningConfig(**config.to_dict())`)."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any]) -> PruningConfig:
+        """A config from `to_dict()`'s output; the deprecated `head_ratio` / `ffn_ratio` of older files still load.
+
+        Raises:
+            ValueError: for a key that is not an argument of `PruningConfig`, or any invalid value.
+        """
+        names = {f.name for f in fields(cls)} | set(_DEPRECATED_FRACTIONS)
+        unknown = sorted(set(config_dict) - names)
+        if unknown:
+            raise ValueError(
+                f"Unknown PruningConfig argument(s) {unknown}; valid ones are {sorted(f.name for f in fields(cls))}."
+            )
+        return cls(**config_dict)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write the config as sorted, indented JSON to `save_directory/pruning_config.json` (the folder is created).
+
+        Example:
+        ```python
+        config.save_pretrained("pruned-model")  # beside the weights, so the pruning can be traced and repeated
+        ```
+        """
+        os.makedirs(save_directory, exist_ok=True)
+        with open(os.path.join(save_directory, PRUNING_CONFIG_NAME), "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs: Any) -> PruningConfig:
+        """Read the `pruning_config.json` that `save_pretrained` wrote: from a local folder, else from a Hub repository.
+
+        Args:
+            pretrained_model_name_or_path: A local folder, or a Hub repository id (`"user/name"`).
+            hub_kwargs: Passed to `huggingface_hub.hf_hub_download` for a Hub repository (`revision=`, `token=`,
+                `subfolder=`, ...).
+
+        Raises:
+            ValueError: for a file that is not a pruning config, or a folder without one.
+
+        Example:
+        ```python
+        config = PruningConfig.from_pretrained("pruned-model")
+        ```
+        """
+        folder = os.fspath(pretrained_model_name_or_path)
+        if os.path.isdir(folder):
+            path = os.path.join(folder, PRUNING_CONFIG_NAME)
+            if not os.path.isfile(path):
+                raise ValueError(
+                    f"{folder} has no {PRUNING_CONFIG_NAME}; write one with `PruningConfig.save_pretrained({folder!r})`."
+                )
+        else:
+            path = hf_hub_download(folder, PRUNING_CONFIG_NAME, **hub_kwargs)
+        with open(path) as f:
+            config_dict = json.load(f)
+        if not isinstance(config_dict, dict):
+            raise ValueError(
+                f"{path} is not a PruningConfig file: it holds a {type(config_dict).__name__}, not a dict."
+            )
+        return cls.from_dict(config_dict)
 
 
 def _is_int(value: Any) -> bool:

@@ -25,8 +25,10 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.utils import logging
 
+from .constants import SCOPES
+from .module_selection import normalize_patterns, select_linear_modules
 from .schedules import CubicSparsitySchedule, resolve_step, validate_step_range
-from .unstructured import SCOPES, _normalize_patterns, _select_linear_modules, magnitude_prune, make_permanent
+from .unstructured import magnitude_prune, make_permanent, target_zeros
 
 logger = logging.get_logger(__name__)
 
@@ -49,7 +51,7 @@ class GradualMagnitudePruningCallback(TrainerCallback):
         frequency: Steps between two pruning steps.
         scope: `"global"` (one magnitude threshold over all selected weights) or `"layer"` (one per module).
         include: Module-name patterns of the `nn.Linear` modules to prune (default: every linear layer inside the
-            transformer layers; rules in `hf_compress.pruning.unstructured`).
+            transformer layers; rules in `hf_compress.pruning.module_selection`).
         exclude: Module-name patterns removed from the selection.
 
     Attributes:
@@ -102,8 +104,8 @@ class GradualMagnitudePruningCallback(TrainerCallback):
         self.end_step = end_step
         self.frequency = frequency
         self.scope = scope
-        self.include = _normalize_patterns(include, "include")
-        self.exclude = _normalize_patterns(exclude, "exclude")
+        self.include = normalize_patterns(include, "include")
+        self.exclude = normalize_patterns(exclude, "exclude")
         self.schedule: CubicSparsitySchedule | None = None
         self.sparsity = 0.0
         self._masks: dict[nn.Module, torch.Tensor] = {}
@@ -111,7 +113,7 @@ class GradualMagnitudePruningCallback(TrainerCallback):
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         # Check the patterns against the model when the Trainer is built, not after the first training steps.
         if kwargs.get("model") is not None:
-            _select_linear_modules(kwargs["model"], self.include, self.exclude)
+            select_linear_modules(kwargs["model"], self.include, self.exclude)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         model = kwargs["model"]
@@ -173,13 +175,10 @@ class GradualMagnitudePruningCallback(TrainerCallback):
             module.weight.masked_fill_(~mask, 0.0)
 
     def _check_resumed_zeros(self, model: nn.Module, target: float, step: int) -> None:
-        modules = list(_select_linear_modules(model, self.include, self.exclude).values())
-        zeros = sum(int((module.weight == 0).sum()) for module in modules)
-        total = sum(module.weight.numel() for module in modules)
-        if self.scope == "global":
-            expected = round(target * total)
-        else:
-            expected = sum(round(target * module.weight.numel()) for module in modules)
+        modules = select_linear_modules(model, self.include, self.exclude)
+        zeros = sum(int((module.weight == 0).sum()) for module in modules.values())
+        total = sum(module.weight.numel() for module in modules.values())
+        expected = sum(target_zeros(modules, target, self.scope).values())
         if zeros < expected:
             logger.warning(
                 "Resuming at step %d, where the pruning schedule is at sparsity %.4f, but the loaded weights are only "

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -28,17 +27,19 @@ from typing import Any
 
 import torch
 from transformers import PreTrainedModel
+from transformers.utils import logging
 
 from ..architectures import get_layers, get_spec
 from ..report import CompressionReport, ModelSummary, summarize
 from ..structure import get_structure
+from .calibration import prepare_batch
 from .config import PruningConfig
-from .importance import ImportanceScores, compute_importance, compute_layer_importance, prepare_batch
+from .importance import ImportanceScores, compute_importance, compute_layer_importance
 from .rescale import fit_rescale
 from .search import BALANCED_METHODS, Selection, balance_kinds, select_units, unit_costs
 from .structured import drop_layers, prune_ffn_neurons, prune_heads
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 PLAN_FORMAT = "hf-compress-pruning-plan"
 PLAN_VERSION = 1
@@ -148,10 +149,7 @@ def make_plan(
     structure = get_structure(model)
     dropped = set(selection.layers)
     live = [i for i in range(structure.num_layers) if i not in dropped]
-
-    def removed(kept: list[list[int]], counts: tuple[int, ...]) -> dict[str, list[int]]:
-        gone = {str(i): sorted(set(range(counts[i])) - set(kept[i])) for i in live}
-        return {layer: indices for layer, indices in gone.items() if indices}
+    remove_heads, remove_ffn = selection.removed(structure)
 
     def scales(values: list[list[float] | None] | None) -> dict[str, list[float]]:
         return {str(i): values[i] for i in live if values is not None and values[i] is not None}
@@ -161,9 +159,9 @@ def make_plan(
         "version": PLAN_VERSION,
         "model_type": model.config.model_type,
         "structure": {"heads": list(structure.heads), "ffn": list(structure.ffn)},
-        "remove": {
-            "heads": removed(selection.heads, structure.heads),
-            "ffn": removed(selection.ffn, structure.ffn),
+        "remove": {  # JSON object keys are strings
+            "heads": {str(layer): indices for layer, indices in remove_heads.items()},
+            "ffn": {str(layer): indices for layer, indices in remove_ffn.items()},
             "layers": sorted(dropped),
         },
         "scales": {"heads": scales(head_scales), "ffn": scales(ffn_scales)},

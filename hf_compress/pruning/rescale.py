@@ -25,19 +25,19 @@ model.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
+from transformers.utils import logging
 
 from ..architectures import get_layers, get_spec
 from ..structure import get_structure
-from .importance import UnitMasks
 from .search import Selection
+from .structured import unit_feature_indices
+from .unit_masks import UnitMasks
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 _MAX_SCALE = 10.0
 
@@ -158,9 +158,8 @@ def _fit_sublayer(
     lifted = {name: list(values) for name, values in masks.items()}
     lifted[kind][layer_index] = None  # the fit needs the raw projection input
     weight = modules[kind].weight.detach().float()
-    kept_index = torch.tensor(kept, device=weight.device)
     # Input features of the kept units: a head owns a contiguous block of `unit` features.
-    features = (kept_index[:, None] * unit + torch.arange(unit, device=weight.device)).flatten()
+    features = unit_feature_indices(kept, unit).to(weight.device)
     weight = weight[:, features]  # (hidden, kept features)
     gram = torch.zeros(len(features), len(features), dtype=torch.float64, device=weight.device)
     rhs = torch.zeros(len(features), dtype=torch.float64, device=weight.device)

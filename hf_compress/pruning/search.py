@@ -1,4 +1,4 @@
-"""Choose which heads and FFN neurons to keep under a FLOPs / parameter budget or explicit ratios.
+"""Choose which heads and FFN neurons to keep under a FLOPs / parameter budget or explicit fractions kept.
 
 The cost model counts, per token, what removing a unit saves (a multiply-add is 2 FLOPs), with hidden size `D`,
 head dimension `d` and sequence length `S`:
@@ -22,6 +22,7 @@ import torch
 from transformers import PreTrainedModel
 
 from ..architectures import get_spec
+from ..structure import ModelStructure
 from .config import PruningConfig
 
 # Scores whose heads and neurons are not on one scale (see `balance_kinds`); Fisher scores estimate the loss increase
@@ -65,6 +66,31 @@ def balance_kinds(
     return [s.double() * head_scale for s in head_scores], [s.double() * ffn_scale for s in ffn_scores]
 
 
+def round_width(width: float, round_to: int, limit: int, *, down: bool = False) -> int:
+    """An FFN width rounded to a multiple of `round_to`, no wider than `limit` (rounded down to a multiple).
+
+    The one rounding of FFN widths: `round_ffn_plan` rounds to the nearest multiple, the budgeted search down (it
+    meets budgets from below). Callers keep a layer that loses nothing at its width instead of rounding it.
+
+    Args:
+        width: The width to round (a mean width may be fractional).
+        round_to: The multiple (1: no rounding).
+        limit: The widest the result may be (e.g. the layer's current width).
+        down: Round down instead of to the nearest multiple.
+
+    Returns:
+        A multiple of `round_to`, between 0 and `limit`.
+
+    Example:
+    ```python
+    >>> round_width(37.5, 8, 64), round_width(37.5, 8, 64, down=True), round_width(70, 8, 64)
+    (40, 32, 64)
+    ```
+    """
+    multiples = int(width // round_to) if down else int(width / round_to + 0.5)
+    return min(multiples * round_to, limit // round_to * round_to)
+
+
 @dataclass
 class Selection:
     """Kept units: ascending head / neuron indices per layer (empty lists for removed layers), and removed layers."""
@@ -72,6 +98,20 @@ class Selection:
     heads: list[list[int]]
     ffn: list[list[int]]
     layers: list[int]
+
+    def removed(self, structure: ModelStructure) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+        """What this selection removes from a model of `structure`: `(heads, ffn)`, each layer -> sorted indices.
+
+        Only layers that stay and lose at least one unit are listed (removed layers go whole), so the result is what
+        `prune_heads` and `prune_ffn_neurons` take.
+        """
+        dropped = set(self.layers)
+
+        def removed(kept: list[list[int]], counts: tuple[int, ...]) -> dict[int, list[int]]:
+            gone = {i: sorted(set(range(n)) - set(kept[i])) for i, n in enumerate(counts) if i not in dropped}
+            return {layer: indices for layer, indices in gone.items() if indices}
+
+        return removed(self.heads, structure.heads), removed(self.ffn, structure.ffn)
 
 
 @dataclass
@@ -170,16 +210,20 @@ def select_units(
     costs: UnitCosts,
     dropped: list[int] | None = None,
     keep: float | None = None,
+    head_keep: float | None = None,
+    ffn_keep: float | None = None,
 ) -> Selection:
-    """Choose the heads and neurons to keep so the model meets `config`'s budget (or ratios).
+    """Choose the heads and neurons to keep so the model meets `config`'s budget (or fractions kept).
 
     Args:
         head_scores: Importance per layer, shape `(num_heads_in_layer,)`; higher is more important.
         ffn_scores: Importance per layer, shape `(ffn_neurons_in_layer,)`.
-        config: The budget (`target`, `keep`, ratios, `scope`, `uniform`, `round_to`).
+        config: The budget (`target`, `keep`, `head_keep` / `ffn_keep`, `scope`, `uniform`, `round_to`).
         costs: Cost of one head and one neuron (`unit_costs`).
         dropped: Layers removed entirely; their cost counts as saved.
         keep: Overrides `config.keep` (the gradual pruning callback walks it down a schedule).
+        head_keep: Overrides `config.head_keep` with `target="ratios"` (likewise); 1 keeps every head.
+        ffn_keep: Overrides `config.ffn_keep` with `target="ratios"` (likewise); 1 keeps every neuron.
 
     Returns:
         The `Selection` of kept units.
@@ -197,10 +241,12 @@ def select_units(
     blocks = [_ffn_blocks(i, ffn_scores[i], config.round_to, costs.neuron) for i in live]
     total = structure_cost([len(s) for s in head_scores], [len(s) for s in ffn_scores], costs)
 
+    head_keep = _or_all(config.head_keep if head_keep is None else head_keep)
+    ffn_keep = _or_all(config.ffn_keep if ffn_keep is None else ffn_keep)
     if config.uniform:
-        return _select_uniform(head_scores, ffn_scores, config, costs, live, dropped, keep * total)
+        return _select_uniform(head_scores, ffn_scores, config, costs, live, dropped, keep * total, ffn_keep)
     if config.target == "ratios":
-        return _select_ratios(heads, blocks, config, num_layers, dropped)
+        return _select_ratios(heads, blocks, config.scope, head_keep, ffn_keep, num_layers, dropped)
 
     if config.scope == "layer":
         items: list[_Item] = []
@@ -211,20 +257,31 @@ def select_units(
     return _from_items(_knapsack([h for layer in heads for h in layer], blocks, keep * total), num_layers, dropped)
 
 
+def _or_all(fraction: float | None) -> float:
+    """A fraction of units kept; unset means all of them."""
+    return 1.0 if fraction is None else fraction
+
+
 def _select_ratios(
-    heads: list[list[_Item]], blocks: list[list[_Item]], config: PruningConfig, num_layers: int, dropped: list[int]
+    heads: list[list[_Item]],
+    blocks: list[list[_Item]],
+    scope: str,
+    head_keep: float,
+    ffn_keep: float,
+    num_layers: int,
+    dropped: list[int],
 ) -> Selection:
-    head_ratio, ffn_ratio = config.head_ratio or 0.0, config.ffn_ratio or 0.0
-    if config.scope == "layer":
+    if scope == "layer":
         groups = [(layer_heads, [layer_blocks]) for layer_heads, layer_blocks in zip(heads, blocks, strict=True)]
     else:
         groups = [([item for layer_heads in heads for item in layer_heads], blocks)]
     kept: list[_Item] = []
     for group_heads, group_blocks in groups:
         ranked = sorted(group_heads, key=lambda item: -item.score)
-        kept += ranked[: len(ranked) - round(head_ratio * len(ranked))]
+        # Counts removed are rounded (not counts kept), as when these were fractions removed: the same units go.
+        kept += ranked[: len(ranked) - round((1 - head_keep) * len(ranked))]
         num_neurons = sum(len(block.indices) for layer_blocks in group_blocks for block in layer_blocks)
-        kept += _remove_blocks(group_blocks, round(ffn_ratio * num_neurons))
+        kept += _remove_blocks(group_blocks, round((1 - ffn_keep) * num_neurons))
     return _from_items(kept, num_layers, dropped)
 
 
@@ -247,12 +304,13 @@ def _select_uniform(
     live: list[int],
     dropped: list[int],
     budget: float,
+    ffn_keep: float,
 ) -> Selection:
     """Every head kept; the same FFN width (a multiple of `round_to`) in every remaining layer."""
     num_layers = len(head_scores)
     min_width = min((len(ffn_scores[i]) for i in live), default=0)
     if config.target == "ratios":
-        width = round((1 - (config.ffn_ratio or 0.0)) * min_width)
+        width = round(ffn_keep * min_width)
     else:
         head_cost = sum(len(head_scores[i]) for i in live) * costs.head
         if live and head_cost > budget:
@@ -262,8 +320,8 @@ def _select_uniform(
             )
         width = int((budget - head_cost) // (costs.neuron * max(len(live), 1)))
     width = min(width, min_width)
-    if width < min_width:
-        width -= width % config.round_to
+    if width < min_width:  # a width that loses nothing is kept as it is
+        width = round_width(width, config.round_to, min_width, down=True)
     heads = [list(range(len(head_scores[i]))) if i in live else [] for i in range(num_layers)]
     ffn = [_top_k(ffn_scores[i], width) if i in live else [] for i in range(num_layers)]
     return Selection(heads, ffn, dropped)

@@ -23,6 +23,7 @@ from transformers import PreTrainedModel
 from ..architectures import ArchitectureSpec, get_base_model, get_layers, get_spec
 from ..remote_code.modeling_hf_compress import EmptyAttention, set_head_count, set_submodule
 from ..structure import get_structure, record_structure
+from .search import round_width
 
 
 def prune_heads(model: PreTrainedModel, heads_to_prune: Mapping[int, Iterable[int]]) -> None:
@@ -61,7 +62,7 @@ def prune_heads(model: PreTrainedModel, heads_to_prune: Mapping[int, Iterable[in
         layer = layers[layer_index]
         num_heads = structure.heads[layer_index]
         kept = [h for h in range(num_heads) if h not in removed]
-        index = torch.arange(num_heads * head_dim).view(num_heads, head_dim)[kept].flatten()  # (kept * head_dim,)
+        index = unit_feature_indices(kept, head_dim)  # (kept * head_dim,)
         output = _keep_linear(layer.get_submodule(spec.attention_output), index, dim=1)
         if kept:
             for path in (spec.query, spec.key, spec.value):
@@ -161,17 +162,18 @@ def round_ffn_plan(
     neurons_to_prune: Mapping[int, Iterable[int]],
     *,
     uniform: bool = False,
-    multiple_of: int = 1,
+    round_to: int = 1,
     scores: Mapping[int, torch.Tensor] | None = None,
+    multiple_of: int | None = None,
 ) -> dict[int, list[int]]:
     """Round an FFN pruning plan so the kept widths suit plain checkpoints and fast kernels.
 
-    With `multiple_of`, kept widths are rounded to the nearest multiple (8 or 64 suit GPU matrix kernels), never above
+    With `round_to`, kept widths are rounded to the nearest multiple (8 or 64 suit GPU matrix kernels), never above
     a layer's current width; a layer the plan leaves whole (or does not name) stays whole.
 
     With `uniform=True` every layer keeps the same number of neurons, so a model pruned with the result, and with no
     heads removed, saves as a plain stock checkpoint. That common width is the mean kept width of *all* layers
-    (rounded to `multiple_of`, and no wider than the narrowest layer), so it changes layers beyond those the plan
+    (rounded to `round_to`, and no wider than the narrowest layer), so it changes layers beyond those the plan
     removes neurons from: a layer must lose neurons to reach it even if the plan removes none there. So that this
     never happens by accident, a uniform plan must name every layer: a plan that leaves a layer out raises a
     `ValueError`. List such a layer with an empty list (`{2: []}`) to say it takes part in the mean and may be cut to
@@ -185,26 +187,39 @@ def round_ffn_plan(
         neurons_to_prune: Layer index -> FFN neuron indices to remove, as for `prune_ffn_neurons`. With
             `uniform=True` it must have an entry (possibly empty) for every layer.
         uniform: Give every layer the same FFN width: the mean kept width of all layers under the plan.
-        multiple_of: Round kept widths to a multiple of this (1: no rounding).
+        round_to: Round kept widths to a multiple of this (1: no rounding), as `PruningConfig.round_to`.
         scores: Layer index -> importance of each current neuron (higher is more important), for layers whose
             planned set must change. Defaults to the neuron's weight norms, `|W_in[i, :]| * |W_out[:, i]|`.
+        multiple_of: Deprecated name of `round_to`.
 
     Returns:
         The rounded plan, layer index -> sorted neuron indices to remove, for `prune_ffn_neurons`.
 
     Raises:
-        ValueError: for a malformed plan or `multiple_of`, scores of the wrong shape, or `uniform=True` with a plan
+        ValueError: for a malformed plan or `round_to`, scores of the wrong shape, or `uniform=True` with a plan
             that does not name every layer.
 
     Example:
     ```python
     # A 2-layer model: every layer is named, and both end up with the same width.
-    plan = round_ffn_plan(model, {0: list(range(100)), 1: list(range(300))}, uniform=True, multiple_of=64)
+    plan = round_ffn_plan(model, {0: list(range(100)), 1: list(range(300))}, uniform=True, round_to=64)
     prune_ffn_neurons(model, plan)
     ```
     """
-    if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
-        raise ValueError(f"multiple_of={multiple_of!r} must be a positive integer (1 disables rounding).")
+    name = "round_to"
+    if multiple_of is not None:
+        if round_to != 1:
+            raise ValueError(
+                f"multiple_of={multiple_of!r} and round_to={round_to!r} were both given; pass only round_to."
+            )
+        warnings.warn(
+            "round_ffn_plan(multiple_of=...) is deprecated: pass round_to=... (the name PruningConfig uses).",
+            FutureWarning,
+            stacklevel=2,
+        )
+        name, round_to = "multiple_of", multiple_of
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(f"{name}={round_to!r} must be a positive integer (1 disables rounding).")
     widths = get_structure(model).ffn
     plan = _validate_plan(neurons_to_prune, widths, "FFN neuron", "neurons_to_prune")
     planned_kept = [width - len(plan.get(i, ())) for i, width in enumerate(widths)]
@@ -217,14 +232,10 @@ def round_ffn_plan(
                 f"{{{missing[0]}: []}} for a layer that may be cut to the common width), or use uniform=False to round "
                 "only the named layers."
             )
-        target = _round_to_multiple(sum(planned_kept) / len(widths), multiple_of)
-        target = min(target, min(widths) // multiple_of * multiple_of)
-        kept = [target] * len(widths)
+        kept = [round_width(sum(planned_kept) / len(widths), round_to, min(widths))] * len(widths)
     else:
         kept = [
-            width
-            if planned == width
-            else min(_round_to_multiple(planned, multiple_of), width // multiple_of * multiple_of)
+            width if planned == width else round_width(planned, round_to, width)
             for planned, width in zip(planned_kept, widths, strict=True)
         ]
     layers = get_layers(model)
@@ -243,8 +254,22 @@ def round_ffn_plan(
     return rounded
 
 
-def _round_to_multiple(value: float, multiple: int) -> int:
-    return int(value / multiple + 0.5) * multiple
+def unit_feature_indices(units: torch.Tensor | list[int], unit_size: int) -> torch.Tensor:
+    """The feature indices of `units` in a projection where unit `u` owns the `unit_size` features from `u * unit_size`.
+
+    A head owns `head_dim` contiguous features of q/k/v's outputs and of the attention output projection's inputs; an
+    FFN neuron (`unit_size=1`) owns one.
+
+    Example:
+    ```python
+    >>> unit_feature_indices([0, 2], 3)
+    tensor([0, 1, 2, 6, 7, 8])
+    ```
+    """
+    units = torch.as_tensor(units, dtype=torch.long)
+    return (
+        units[:, None] * unit_size + torch.arange(unit_size, device=units.device)
+    ).flatten()  # (units * unit_size,)
 
 
 def _neuron_scores(

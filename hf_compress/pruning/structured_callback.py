@@ -9,23 +9,25 @@ Importance comes from the running training gradients: the same per-head / per-ne
 (forward pre-hooks, per-example masks) collect `(dL/dm)^2` (`importance="fisher"`) or `|dL/dm|` (`"taylor"`) in every
 training backward pass, as an exponential moving average over optimizer steps; `"magnitude"` uses weight norms.
 
-Shrinking a parameter replaces it (`prune_heads` builds new `nn.Linear`s). The callback rewires the Trainer's
-optimizer in place: the new parameters take the old ones' places in their parameter groups, and per-element state
-(Adam's `exp_avg` / `exp_avg_sq`, momentum buffers) is sliced to the kept rows / columns. Any other state of a shrunk
-parameter (e.g. factored second moments) is reset, with a warning. The learning-rate scheduler keeps working, as it
-only holds the optimizer. Single-process training only (DDP and FSDP wrap parameters the callback cannot swap).
+Shrinking a parameter replaces it (`prune_heads` builds new `nn.Linear`s). The callback rewires the Trainer's optimizer
+in place (`hf_compress.pruning.optimizer_surgery`): the new parameters take the old ones' places in their parameter
+groups, and per-element state (Adam's `exp_avg` / `exp_avg_sq`, momentum buffers) is sliced to the kept rows / columns.
+Any other state of a shrunk parameter (e.g. factored second moments) is reset, with a warning. The learning-rate
+scheduler keeps working, as it only holds the optimizer. Single-process training only (DDP and FSDP wrap parameters the
+callback cannot swap).
 
 Checkpoints and resume: at every checkpoint the callback writes its own state (the running importance, the budget's
-reference cost and the schedule's progress) into the checkpoint folder as `hf_compress_pruning_state.safetensors`,
-and restores it when `trainer.train(resume_from_checkpoint=...)` resumes at that step, so a resumed run prunes
-exactly as the uninterrupted one, before, during or after pruning. The model you resume with may be the fresh,
-unpruned one: when the Trainer loads a checkpoint of a smaller structure, the callback (through a load hook it puts
-on the model when the Trainer is built) first prunes the model to the checkpoint's heads and FFN widths, so the
-weights load exactly; a checkpoint the model cannot be pruned to is refused before any weight is touched. Pass the
-callback to the Trainer's constructor (not `add_callback` afterwards) so that the hook is in place before a resume:
-the Trainer loads the checkpoint before it sends any training event. The hook stays on the model (a later
-`model.load_state_dict` of a smaller pruned structure prunes it likewise). The state is looked up in
-`output_dir/checkpoint-<step>`, where the Trainer writes it; without it, resuming mid-pruning is refused.
+reference cost and the schedule's progress) into the checkpoint folder as `hf_compress_pruning_state.safetensors`
+(`hf_compress.pruning.training_state`), and restores it when `trainer.train(resume_from_checkpoint=...)` resumes at
+that step, so a resumed run prunes exactly as the uninterrupted one, before, during or after pruning. The model you
+resume with may be the fresh, unpruned one: when the Trainer loads a checkpoint of a smaller structure, the callback
+(through a load hook it puts on the model when the Trainer is built, `hf_compress.pruning.structure_fitting`) first
+prunes the model to the checkpoint's heads and FFN widths, so the weights load exactly; a checkpoint the model cannot
+be pruned to is refused before any weight is touched. Pass the callback to the Trainer's constructor (not
+`add_callback` afterwards) so that the hook is in place before a resume: the Trainer loads the checkpoint before it
+sends any training event. The hook stays on the model (a later `model.load_state_dict` of a smaller pruned structure
+prunes it likewise). The state is looked up in `output_dir/checkpoint-<step>`, where the Trainer writes it; without it,
+resuming mid-pruning is refused.
 
 Refused when training begins, before any step (each error says how to fix it): an absolute `begin_step` / `end_step`
 beyond `max_steps`; `load_best_model_at_end` with a checkpoint saved before `end_step` (its structure differs from
@@ -35,40 +37,44 @@ reached trains without pruning further: the budget is relative to the model the 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import weakref
-from dataclasses import asdict, replace
 
-import safetensors.torch
 import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
-from ..architectures import get_layers, get_spec
+from ..architectures import get_spec
 from ..structure import get_structure
 from .config import PruningConfig
-from .importance import UnitMasks, compute_importance
+from .importance import compute_importance
+from .optimizer_surgery import parameter_slices, rewire_optimizer
 from .schedules import CubicSparsitySchedule, resolve_step_range, validate_step_range
-from .search import BALANCED_METHODS, Selection, balance_kinds, select_units, structure_cost, unit_costs
+from .search import BALANCED_METHODS, balance_kinds, select_units, structure_cost, unit_costs
+from .structure_fitting import add_structure_fitting_hook, check_optimizer_is_current
 from .structured import prune_ffn_neurons, prune_heads
+from .training_state import (
+    PRUNING_STATE_NAME,
+    checkpoint_folder,
+    config_as_json,
+    current_settings,
+    load_pruning_state,
+    save_pruning_state,
+)
+from .unit_masks import UnitMasks
 
 logger = logging.get_logger(__name__)
-
-PRUNING_STATE_NAME = "hf_compress_pruning_state.safetensors"
-_STATE_FORMAT_VERSION = 1
 
 
 class GradualStructuredPruningCallback(TrainerCallback):
     """Prune attention heads and FFN neurons while training, reaching `config`'s budget at `end_step`.
 
     Args:
-        config: The final budget (`target`, `keep` or the ratios, `scope`, `uniform`, `round_to`, `importance`).
-            `layers`, `rescale`, `num_batches` and `seq_len`-independent options that only concern one-shot pruning
-            are not used here; `layers` must be unset.
+        config: The final budget (`target`, `keep` or `head_keep` / `ffn_keep`, `scope`, `uniform`, `round_to`,
+            `importance`). `layers`, `rescale`, `num_batches` and `seq_len`-independent options that only concern
+            one-shot pruning are not used here; `layers` must be unset.
         begin_step: First pruning step; a value >= 1 is a step, a value in [0, 1) a fraction of the training steps
             (resolved against `max_steps` when training begins).
         end_step: Step at which the budget is reached (same convention); the default leaves the last quarter of
@@ -133,7 +139,7 @@ class GradualStructuredPruningCallback(TrainerCallback):
         model = kwargs.get("model")
         if model is not None:
             get_spec(model)
-            _add_structure_hook(model)
+            add_structure_fitting_hook(model)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         model = kwargs["model"]
@@ -152,7 +158,7 @@ class GradualStructuredPruningCallback(TrainerCallback):
                 "instead (`trainer.train(resume_from_checkpoint=...)`), or start over with a fresh model and callback."
             )
         if resumed and saved is None and schedule.begin_step < state.global_step < schedule.end_step:
-            folder = _checkpoint_folder(args, state)
+            folder = checkpoint_folder(args, state)
             raise ValueError(
                 f"Training resumes at step {state.global_step}, while gradual structured pruning was in progress "
                 f"(steps {schedule.begin_step}..{schedule.end_step}), but there is no {PRUNING_STATE_NAME} in "
@@ -170,7 +176,7 @@ class GradualStructuredPruningCallback(TrainerCallback):
         if saved is not None:
             _check_saved_structure(model, saved)
         self._check_load_best(args, state, schedule, progress, kwargs.get("train_dataloader"))
-        _check_optimizer_holds(model, kwargs.get("optimizer"))
+        check_optimizer_is_current(model, kwargs.get("optimizer"))
         if frequency < self.frequency:
             logger.info(
                 "The pruning range, steps %d..%d, is shorter than frequency=%d: pruning once, at step %d.",
@@ -199,7 +205,7 @@ class GradualStructuredPruningCallback(TrainerCallback):
                     "run would.",
                     state.global_step,
                     PRUNING_STATE_NAME,
-                    _checkpoint_folder(args, state),
+                    checkpoint_folder(args, state),
                 )
             self.reference_cost = self._cost(model)
             structure = get_structure(model)
@@ -227,7 +233,7 @@ class GradualStructuredPruningCallback(TrainerCallback):
         # resume continues exactly (the running importance decides which units go next).
         if self.schedule is None or not state.is_world_process_zero:
             return
-        folder = _checkpoint_folder(args, state)
+        folder = checkpoint_folder(args, state)
         if not os.path.isdir(folder):
             logger.warning(
                 "No checkpoint folder %s to write the gradual pruning state into; resuming from this checkpoint will "
@@ -235,14 +241,8 @@ class GradualStructuredPruningCallback(TrainerCallback):
                 folder,
             )
             return
-        tensors = {
-            f"scores.{kind}.{layer}": values.detach().cpu().contiguous()
-            for kind, running in self._scores.items()
-            for layer, values in enumerate(running)
-        }
         structure = get_structure(kwargs["model"])
         description = {
-            "format_version": _STATE_FORMAT_VERSION,
             "global_step": state.global_step,
             "settings": self._settings(),
             "reference_cost": self.reference_cost,
@@ -252,9 +252,7 @@ class GradualStructuredPruningCallback(TrainerCallback):
             "heads": list(structure.heads),
             "ffn": list(structure.ffn),
         }
-        safetensors.torch.save_file(
-            tensors, os.path.join(folder, PRUNING_STATE_NAME), metadata={"hf_compress": json.dumps(description)}
-        )
+        save_pruning_state(folder, self._scores, description)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._uninstall()
@@ -265,7 +263,7 @@ class GradualStructuredPruningCallback(TrainerCallback):
         """What must agree between the run that saved a checkpoint and the run resuming it."""
         schedule = self.schedule
         return {
-            "config": json.loads(json.dumps(asdict(self.config), default=str)),
+            "config": config_as_json(self.config),
             "schedule": [schedule.begin_step, schedule.end_step, schedule.frequency],
             "beta": self.beta,
         }
@@ -274,24 +272,15 @@ class GradualStructuredPruningCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, schedule: CubicSparsitySchedule
     ) -> dict | None:
         """The pruning state saved in the checkpoint training resumes from, checked against this run (None: absent)."""
-        path = os.path.join(_checkpoint_folder(args, state), PRUNING_STATE_NAME)
-        if not os.path.isfile(path):
+        saved = load_pruning_state(checkpoint_folder(args, state), state.global_step)
+        if saved is None:
             return None
-        with safetensors.safe_open(path, framework="pt") as file:
-            saved = json.loads(file.metadata()["hf_compress"])
-            saved["tensors"] = {key: file.get_tensor(key) for key in file.keys()}
-        if saved.get("format_version") != _STATE_FORMAT_VERSION or saved.get("global_step") != state.global_step:
-            raise ValueError(
-                f"{path} holds the gradual pruning state of step {saved.get('global_step')} (format "
-                f"{saved.get('format_version')}), but training resumes at step {state.global_step}: it belongs to "
-                "another run. Remove it to resume without it, or resume from the checkpoint it was written with."
-            )
         previous, self.schedule = self.schedule, schedule
         try:
             settings = self._settings()
         finally:
             self.schedule = previous
-        if saved["settings"] != settings:
+        if current_settings(saved["settings"]) != settings:
             raise ValueError(
                 f"The checkpoint's gradual pruning was run with {saved['settings']}, this callback has {settings}: "
                 "resuming would change the budget or schedule part-way. Resume with the callback's original "
@@ -386,26 +375,29 @@ class GradualStructuredPruningCallback(TrainerCallback):
         costs = unit_costs(model, self.config.target, self.config.seq_len)
         return structure_cost(list(structure.heads), list(structure.ffn), costs)
 
-    def _target_config(self, model: nn.Module) -> tuple[PruningConfig, float | None]:
-        """The config (and `keep` relative to the current model) that takes the model to this step's target."""
+    def _step_targets(self, model: nn.Module) -> dict[str, float]:
+        """What `select_units` keeps at this step, relative to the current model: `keep`, or `head_keep`/`ffn_keep`.
+
+        Passed as overrides of the config, not as a new `PruningConfig`: a step's fractions are not a user's config (a
+        step may remove no heads and no neurons, which `PruningConfig(target="ratios")` rightly refuses).
+        """
         config, progress = self.config, self._progress
         if config.target == "ratios":
             structure = get_structure(model)
-            ratios = {}
+            fractions = {}
             for name, total, current in (
-                ("head_ratio", self._reference[0], sum(structure.heads)),
-                ("ffn_ratio", self._reference[1], sum(structure.ffn)),
+                ("head_keep", self._reference[0], sum(structure.heads)),
+                ("ffn_keep", self._reference[1], sum(structure.ffn)),
             ):
-                goal = round(total * (1 - progress * (getattr(config, name) or 0.0)))  # units kept at this step
-                ratios[name] = (current - min(goal, current)) / current if current else 0.0
-            # PruningConfig refuses ffn_ratio=1 (an FFN-less model); goals never ask for it, rounding might.
-            ratios["ffn_ratio"] = min(ratios["ffn_ratio"], 1 - 1e-9)
-            return replace(config, **ratios), None
+                final = 1.0 if getattr(config, name) is None else getattr(config, name)
+                goal = round(total * (1 - progress * (1 - final)))  # units kept at this step
+                fractions[name] = min(goal, current) / current if current else 1.0
+            return fractions
         keep = 1 - progress * (1 - config.keep)
-        return config, min(1.0, keep * self.reference_cost / max(self._cost(model), 1e-12))
+        return {"keep": min(1.0, keep * self.reference_cost / max(self._cost(model), 1e-12))}
 
     def _prune(self, model: nn.Module, optimizer, step: int) -> None:
-        config, keep = self._target_config(model)
+        config = self.config
         if self.config.importance == "magnitude":
             scores = compute_importance(model, method="magnitude")
             head_scores, ffn_scores = scores.heads, scores.ffn
@@ -415,25 +407,15 @@ class GradualStructuredPruningCallback(TrainerCallback):
         costs = unit_costs(model, "params" if config.target == "params" else "flops", config.seq_len)
         if config.importance in BALANCED_METHODS:
             head_scores, ffn_scores = balance_kinds(head_scores, ffn_scores, costs)
-        selection = select_units(head_scores, ffn_scores, config, costs, keep=keep)
-        structure = get_structure(model)
-        remove_heads = {
-            i: sorted(set(range(n)) - set(selection.heads[i]))
-            for i, n in enumerate(structure.heads)
-            if len(selection.heads[i]) < n
-        }
-        remove_ffn = {
-            i: sorted(set(range(n)) - set(selection.ffn[i]))
-            for i, n in enumerate(structure.ffn)
-            if len(selection.ffn[i]) < n
-        }
+        selection = select_units(head_scores, ffn_scores, config, costs, **self._step_targets(model))
+        remove_heads, remove_ffn = selection.removed(get_structure(model))
         if remove_heads or remove_ffn:
             self._uninstall()
-            slices = _parameter_slices(model, selection)
+            slices = parameter_slices(model, selection)
             prune_heads(model, remove_heads)
             prune_ffn_neurons(model, remove_ffn)
             if optimizer is not None:
-                _rewire_optimizer(optimizer, slices)
+                rewire_optimizer(optimizer, slices)
             for kind, kept in (("heads", selection.heads), ("ffn", selection.ffn)):
                 self._scores[kind] = [
                     s[torch.tensor(k, dtype=torch.long, device=s.device)]
@@ -451,11 +433,6 @@ class GradualStructuredPruningCallback(TrainerCallback):
             list(structure.heads),
             list(structure.ffn),
         )
-
-
-def _checkpoint_folder(args: TrainingArguments | None, state: TrainerState) -> str:
-    """Where the Trainer writes (and `resume_from_checkpoint=True` finds) the checkpoint of `state.global_step`."""
-    return os.path.join(getattr(args, "output_dir", None) or ".", f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
 
 
 def _check_saved_structure(model: nn.Module, saved: dict) -> None:
@@ -486,189 +463,3 @@ def _next_checkpoint_step(args: TrainingArguments, state: TrainerState, train_da
     if not every:
         return None
     return min((state.global_step // every + 1) * every, state.max_steps)
-
-
-# model -> weak references to the parameters `_fit_structure_load_pre_hook` replaced (weak: they are garbage unless an
-# optimizer still holds them, which is exactly what `_check_optimizer_holds` looks for).
-_REPLACED_BY_FIT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _check_optimizer_holds(model: nn.Module, optimizer) -> None:
-    # An optimizer given to the Trainer (`optimizers=`) before a resume fitted the model to a pruned checkpoint would
-    # keep training the parameters pruning replaced, while the model's own would not train at all. (Other parameters
-    # an optimizer may hold, e.g. DistillationTrainer's hidden-state projections, are fine.)
-    if optimizer is None:
-        return
-    replaced = {id(ref()) for ref in _REPLACED_BY_FIT.get(model, ()) if ref() is not None}
-    inner = getattr(optimizer, "optimizer", optimizer)
-    stale = sum(id(p) in replaced for group in inner.param_groups for p in group["params"])
-    if stale:
-        raise ValueError(
-            f"The optimizer holds {stale} parameters that are no longer the model's (the model was pruned after the "
-            "optimizer was built, e.g. to fit a pruned checkpoint being resumed). Let the Trainer build the optimizer "
-            "(do not pass `optimizers=`), or build it from the model as it is now."
-        )
-
-
-def _layer_keys(model: nn.Module, prefix: str) -> tuple[str, list[dict[str, str]]]:
-    """The layers' key prefix and each layer's projection weight keys, for a state dict loaded under `prefix`."""
-    spec = get_spec(model)
-    layers = get_layers(model)
-    path = prefix + next(name for name, module in model.named_modules() if module is layers)
-    keys = [
-        {
-            name: f"{path}.{index}.{getattr(spec, name)}.weight"
-            for name in ("query", "attention_output", "ffn_in", "ffn_out")
-        }
-        for index in range(len(layers))
-    ]
-    return path, keys
-
-
-def _fit_structure_load_pre_hook(
-    model: nn.Module,
-    state_dict: dict,
-    prefix: str,
-    local_metadata: dict,
-    strict: bool,
-    missing_keys: list[str],
-    unexpected_keys: list[str],
-    error_msgs: list[str],
-) -> None:
-    """Load pre-hook on the model: prune it to the heads and FFN widths of the state dict before any tensor loads.
-
-    torch copies tensors one by one and reports size mismatches only at the end, so a checkpoint of a pruned structure
-    (a Trainer resuming a run of `GradualStructuredPruningCallback` with a fresh model) would leave the model half
-    overwritten. Here the structure is read from the tensors' shapes first; the model is pruned to it (the trailing
-    heads and neurons go: every kept weight is then overwritten by the checkpoint, so which ones does not matter) or,
-    when it cannot be (a bigger checkpoint, another layer count), the load is refused before anything changes.
-    """
-    current = get_structure(model)
-    head_dim = current.head_dim
-    path, layer_keys = _layer_keys(model, prefix)
-    heads, ffn = list(current.heads), list(current.ffn)
-    problems = []
-    for index, keys in enumerate(layer_keys):
-        query, output = state_dict.get(keys["query"]), state_dict.get(keys["attention_output"])
-        ffn_in, ffn_out = state_dict.get(keys["ffn_in"]), state_dict.get(keys["ffn_out"])
-        # A layer without heads has no query (its output projection has 0 input features); a sharded checkpoint's
-        # shard may hold only some of a layer's tensors: any one of them tells the size.
-        if query is not None and query.dim() == 2:
-            heads[index] = query.shape[0] // head_dim
-        elif output is not None and output.dim() == 2:
-            heads[index] = output.shape[1] // head_dim
-        if ffn_in is not None and ffn_in.dim() == 2:
-            ffn[index] = ffn_in.shape[0]
-        elif ffn_out is not None and ffn_out.dim() == 2:
-            ffn[index] = ffn_out.shape[1]
-        if heads[index] > current.heads[index] or ffn[index] > current.ffn[index]:
-            problems.append(index)
-    extra = [key for key in state_dict if key.startswith(f"{path}.{len(layer_keys)}.")]
-    if problems or extra:
-        what = (
-            f"layer(s) {problems} have more heads or FFN neurons in it than in the model"
-            if problems
-            else f"it has more than the model's {len(layer_keys)} layers"
-        )
-        raise ValueError(
-            f"The state dict being loaded holds a structure this model cannot be pruned to ({what}: heads per layer "
-            f"{heads} and FFN widths {ffn} against the model's {list(current.heads)} and {list(current.ffn)}). "
-            "Nothing was loaded. Build the model from the checkpoint instead: "
-            "`model = hf_compress.load_compressed(checkpoint_dir)`, and pass that model to the Trainer."
-        )
-    remove_heads = {i: list(range(h, current.heads[i])) for i, h in enumerate(heads) if h < current.heads[i]}
-    remove_ffn = {i: list(range(n, current.ffn[i])) for i, n in enumerate(ffn) if n < current.ffn[i]}
-    if not remove_heads and not remove_ffn:
-        return
-    before = list(model.parameters())
-    prune_heads(model, remove_heads)
-    prune_ffn_neurons(model, remove_ffn)
-    kept = {id(p) for p in model.parameters()}
-    _REPLACED_BY_FIT.setdefault(model, []).extend(weakref.ref(p) for p in before if id(p) not in kept)
-    logger.warning(
-        "The state dict being loaded has a pruned structure; the model was pruned to it before loading (heads per "
-        "layer %s, FFN widths %s).",
-        heads,
-        ffn,
-    )
-
-
-def _add_structure_hook(model: nn.Module) -> None:
-    """Put `_fit_structure_load_pre_hook` on `model`, once (a module-level function: deep copies keep working)."""
-    hooks = model._load_state_dict_pre_hooks
-    if not any(getattr(hook, "hook", None) is _fit_structure_load_pre_hook for hook in hooks.values()):
-        model.register_load_state_dict_pre_hook(_fit_structure_load_pre_hook)
-
-
-def _parameter_slices(model: nn.Module, selection: Selection) -> dict[int, tuple]:
-    """id(old parameter) -> (layer, module path, parameter name, layer index, sliced dim or None, kept index)."""
-    spec = get_spec(model)
-    head_dim = get_structure(model).head_dim
-    slices = {}
-    for index, layer in enumerate(get_layers(model)):
-        heads = torch.tensor(selection.heads[index], dtype=torch.long)
-        head_features = (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
-        neurons = torch.tensor(selection.ffn[index], dtype=torch.long)
-        for path, dim, kept in (
-            (spec.query, 0, head_features),
-            (spec.key, 0, head_features),
-            (spec.value, 0, head_features),
-            (spec.attention_output, 1, head_features),
-            (spec.ffn_in, 0, neurons),
-            (spec.ffn_out, 1, neurons),
-        ):
-            try:
-                module = layer.get_submodule(path)
-            except AttributeError:  # q/k/v of a layer that has already lost all its heads
-                continue
-            for name, parameter in module.named_parameters(recurse=False):
-                # A bias follows its layer's output features; input pruning leaves it whole.
-                sliced = dim if name == "weight" else (0 if dim == 0 else None)
-                slices[id(parameter)] = (layer, path, name, index, sliced, kept)
-    return slices
-
-
-def _rewire_optimizer(optimizer, slices: dict) -> None:
-    """Swap shrunk parameters into the optimizer's groups and slice their state to the kept rows / columns.
-
-    `slices` comes from `_parameter_slices`, taken before pruning.
-    """
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
-    for group in inner.param_groups:
-        new_params = []
-        for parameter in group["params"]:
-            if id(parameter) not in slices:
-                new_params.append(parameter)
-                continue
-            layer, path, name, index, dim, kept = slices[id(parameter)]
-            try:
-                new = getattr(layer.get_submodule(path), name)
-            except AttributeError:  # the whole module went (a layer that lost all its heads)
-                inner.state.pop(parameter, None)
-                continue
-            new_params.append(new)
-            if new is parameter:  # a module that pruning left alone
-                continue
-            state = inner.state.pop(parameter, None)
-            if state is None:
-                continue
-            new_state = {}
-            for key, value in state.items():
-                if not isinstance(value, torch.Tensor) or value.dim() == 0 or dim is None:
-                    new_state[key] = value
-                elif value.shape == parameter.shape:
-                    new_state[key] = value.index_select(dim, kept.to(value.device))
-                else:
-                    logger.warning(
-                        "Optimizer state %r of layer %d's %s.%s does not match the parameter's shape; resetting this "
-                        "parameter's state after pruning.",
-                        key,
-                        index,
-                        path,
-                        name,
-                    )
-                    new_state = {}
-                    break
-            if new_state:
-                inner.state[new] = new_state
-        group["params"] = new_params
