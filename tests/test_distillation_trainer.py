@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from hf_compress import DistillationTrainer, DistillationTrainingArguments, l1_penalty
-from hf_compress.distillation.trainer import PROJECTIONS_NAME
+from hf_compress.distillation.projections import PROJECTIONS_NAME
 
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 SEQ_LEN = 8

@@ -21,7 +21,8 @@ from conftest import random_batch, tiny_model
 from test_distillation_trainer import make_batch, to_dataset
 from test_teacher_cache import cached_trainer, count_forwards
 
-from hf_compress.distillation.teacher_cache import CacheLayout, TeacherCache
+from hf_compress.distillation.cache_format import CacheLayout
+from hf_compress.distillation.teacher_cache import TeacherCache
 
 NAMES = ("attention_mask", "input_ids")
 LAYOUT = CacheLayout(token_level=False, hidden_states=(2,), attentions=(1,))
@@ -308,13 +309,13 @@ def test_a_temp_file_is_kept_while_its_lock_is_held_even_if_its_pid_looks_dead(t
     # A build in another PID namespace (a container sharing the folder) has a PID this process cannot see.
     import fcntl
 
-    from hf_compress.distillation import teacher_cache
+    from hf_compress.distillation import cache_temp_files
 
     dead = os.fork()
     if dead == 0:
         os._exit(0)
     os.waitpid(dead, 0)
-    name = f"{'0' * 16}-{'0' * 16}.safetensors.{teacher_cache._host_tag()}-{dead}.abcdefgh.tmp"
+    name = f"{'0' * 16}-{'0' * 16}.safetensors.{cache_temp_files.host_tag()}-{dead}.abcdefgh.tmp"
     (tmp_path / name).write_bytes(b"partial")
     handle = os.open(tmp_path / name, os.O_RDONLY)
     try:

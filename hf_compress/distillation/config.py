@@ -11,8 +11,7 @@ from typing import Any
 from transformers import TrainingArguments
 from transformers.utils import logging
 
-from .losses import HIDDEN_LOSS_TYPES
-from .teacher_cache import CACHE_DTYPES
+from .constants import CACHE_DTYPES, HIDDEN_LOSS_TYPES, TEACHER_SHARDING
 
 logger = logging.get_logger(__name__)
 
@@ -109,6 +108,15 @@ class DistillationTrainingArguments(TrainingArguments):
             Storage dtype of the cached hidden states and attentions: `"float32"`, `"float16"` or `"bfloat16"`
             (half the size of float32). Defaults to the teacher's dtype, which reproduces the live loss exactly. The
             logits always keep the teacher's dtype.
+        teacher_sharding (`str`, *optional*, defaults to `"shard"`):
+            Where the teacher lives when the student trains with FSDP2 (`fsdp="full_shard"`, or `accelerate launch`
+            with an FSDP2 config); ignored otherwise. `"shard"` shards it like the student (`fully_shard` on each
+            transformer layer and on the whole model, over the student's device mesh; frozen, in eval mode, no
+            optimizer state, never saved), so each process holds `1 / num_processes` of its weights and every
+            forward all-gathers them layer by layer: every process then runs the teacher on every batch together,
+            including the teacher-cache build (each process runs the whole training set in lockstep; one process
+            per node writes the file). `"replicate"` keeps a whole copy on every process (no communication; the
+            cache is built by the main process alone, as under DDP), faster when the teacher fits on each device.
     """
 
     temperature: float = field(
@@ -130,7 +138,7 @@ class DistillationTrainingArguments(TrainingArguments):
         default="mse",
         metadata={
             "help": "Hidden-state loss: 'mse' (TinyBERT) or 'cosine' (1 - cos, DistilBERT).",
-            "choices": ["mse", "cosine"],
+            "choices": list(HIDDEN_LOSS_TYPES),
         },
     )
     attention_loss_weight: float = field(
@@ -195,6 +203,15 @@ class DistillationTrainingArguments(TrainingArguments):
         },
     )
 
+    teacher_sharding: str = field(
+        default="shard",
+        metadata={
+            "help": "Under FSDP2 only: 'shard' shards the teacher like the student (every process runs its forward "
+            "together), 'replicate' keeps a whole copy on every process.",
+            "choices": list(TEACHER_SHARDING),
+        },
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if not (
@@ -242,6 +259,11 @@ class DistillationTrainingArguments(TrainingArguments):
                     'object such as \'{"revision": "main"}\'.'
                 ) from error
         self._check_teacher_cache()
+        if self.teacher_sharding not in TEACHER_SHARDING:
+            raise ValueError(
+                f"teacher_sharding={self.teacher_sharding!r} is not supported; use 'shard' (shard the teacher like the "
+                "student under FSDP2) or 'replicate' (a whole teacher on every process)."
+            )
         if self.teacher_model_init_kwargs is not None and not isinstance(self.teacher_model_init_kwargs, dict):
             raise ValueError(
                 f"teacher_model_init_kwargs={self.teacher_model_init_kwargs!r} must be a dict of `from_pretrained` "

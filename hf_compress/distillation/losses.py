@@ -6,23 +6,32 @@ of the micro-batch losses equal the loss of the big batch, which is how `Distill
 accumulation and several processes exact.
 
 Shapes: `B` batch, `L` sequence length, `C` classes (or vocabulary), `H` hidden size, `nh` attention heads.
+
+One regulariser sits beside them: `l1_penalty`, the sum of `|w|` of a model's selected linear weights, which
+`DistillationTrainer` adds to the loss (`l1_weight`) to push weights towards zero before magnitude pruning. It reads
+the weights from the model (the selection rules are those of magnitude pruning, `hf_compress.pruning.module_selection`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from ..pruning.module_selection import effective_weight, select_linear_modules
+from .constants import HIDDEN_LOSS_TYPES
 
 __all__ = [
     "attention_kl_loss",
     "cross_entropy_loss",
     "hidden_state_loss",
+    "l1_penalty",
     "regression_loss",
     "soft_kl_loss",
     "token_kl_loss",
 ]
-
-HIDDEN_LOSS_TYPES = ("mse", "cosine")
 
 
 def _normalize(total: torch.Tensor, local_count: torch.Tensor | int, num_items_in_batch: torch.Tensor | int | None):
@@ -254,3 +263,34 @@ def attention_kl_loss(
     per_token = per_query.mean(1)  # (B, L): average over heads
     per_example = _per_example_token_mean(per_token, attention_mask)  # (B,)
     return _normalize(per_example.sum(), per_example.shape[0], num_items_in_batch)
+
+
+def l1_penalty(
+    model: nn.Module,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+) -> torch.Tensor:
+    """Sum of the absolute values of the selected weights, `sum_m sum_ij |W_m[i, j]|`, as a differentiable scalar.
+
+    Add `weight * l1_penalty(model)` to a training loss to push weights towards zero before magnitude pruning. Only the
+    `weight` of the selected `nn.Linear` modules counts (no biases, embeddings, LayerNorms or task head by default);
+    pruned entries are zero and add nothing.
+
+    Args:
+        model: The model whose weights are penalised.
+        include: Module-name patterns, as in `magnitude_prune` (default: the linear layers of the transformer layers;
+            the rules are in `hf_compress.pruning.module_selection`).
+        exclude: Module-name patterns removed from the selection.
+
+    Returns:
+        A 0-dim float32 tensor on the weights' device, with gradient to the weights.
+
+    Example:
+
+    ```python
+    loss = outputs.loss + 1e-5 * l1_penalty(model)
+    loss.backward()
+    ```
+    """
+    weights = [effective_weight(module) for module in select_linear_modules(model, include, exclude).values()]
+    return torch.stack([weight.abs().sum(dtype=torch.float32) for weight in weights]).sum()

@@ -53,6 +53,20 @@ class SafetensorsCorruptedError(ValueError):
     """A file's bytes are not the ones written: it was damaged on disk, truncated, or modified after it was written."""
 
 
+def to_stored_array(tensor: torch.Tensor) -> np.ndarray:
+    """`tensor` (on CPU) as the numpy array a memory map of its dtype holds (`STORAGE`: bfloat16's bits as int16)."""
+    tensor = tensor.detach().cpu()
+    return tensor.view(torch.int16).numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy()
+
+
+def from_stored_array(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """The tensor of `dtype` that values read from a memory map hold (a copy when `array` is a read-only map)."""
+    if not array.flags.writeable:  # a slice of the read-only map (fancy indexing already copies)
+        array = array.copy()
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
+
+
 def _header_digest(header: dict[str, Any]) -> str:
     """BLAKE2b-64 of the canonical JSON of `header` minus its own `header_checksum` entry."""
     metadata = {k: v for k, v in header.get("__metadata__", {}).items() if k != "header_checksum"}

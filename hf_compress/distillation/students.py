@@ -26,7 +26,6 @@ layer). An explicit `layers_to_keep=[...]` overrides the strategy. New strategie
 from __future__ import annotations
 
 import copy
-import logging
 import math
 from collections.abc import Callable, Sequence
 
@@ -41,11 +40,12 @@ from transformers import (
     DistilBertModel,
     PreTrainedModel,
 )
+from transformers.utils import logging
 
 from ..architectures import get_base_model, get_layers, get_spec
 from ..pruning.structured import drop_layers
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 
 #### Layer selection
@@ -240,7 +240,7 @@ def create_student(
     # A student is made to be trained, also from a teacher that a DistillationTrainer has frozen before.
     student.requires_grad_(True)
     drop_layers(student, [index for index in range(num_teacher_layers) if index not in kept])
-    logger.info("Created a %d-layer student from teacher layers %s.", len(kept), kept)
+    logger.info(f"Created a {len(kept)}-layer student from teacher layers {kept}.")
     return student
 
 
@@ -354,10 +354,8 @@ def bert_to_distilbert(
         )
     if config.layer_norm_eps != _DISTILBERT_LAYER_NORM_EPS:
         logger.warning(
-            "The teacher's layer_norm_eps is %g but DistilBERT always uses %g: the student's outputs will differ "
-            "slightly from the teacher's.",
-            config.layer_norm_eps,
-            _DISTILBERT_LAYER_NORM_EPS,
+            f"The teacher's layer_norm_eps is {config.layer_norm_eps:g} but DistilBERT always uses "
+            f"{_DISTILBERT_LAYER_NORM_EPS:g}: the student's outputs will differ slightly from the teacher's."
         )
 
     bert_spec = get_spec(teacher)
@@ -386,7 +384,7 @@ def bert_to_distilbert(
     )
     student = _instantiate(_DISTILBERT_CLASSES[class_name], student_config, teacher)
     _load_checked(student, _distilbert_state_dict(teacher, student, kept))
-    logger.info("Created a %d-layer %s from BERT layers %s.", len(kept), type(student).__name__, kept)
+    logger.info(f"Created a {len(kept)}-layer {type(student).__name__} from BERT layers {kept}.")
     return student
 
 

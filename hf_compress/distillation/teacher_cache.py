@@ -3,6 +3,10 @@
 `DistillationTrainingArguments(teacher_cache_dir=...)` turns it on; `DistillationTrainer.train()` calls
 `TeacherCache.load_or_build` before training and serves every training batch from the cache.
 
+This module opens and reads the cache (`TeacherCache`) and refuses training sets it cannot serve; the file's layout,
+keys and fingerprints are in `cache_format`, writing it in `cache_builder`, its temporary files in `cache_temp_files`,
+and the checksummed memory-mapped I/O in `mmap_safetensors` (all in `hf_compress.distillation`).
+
 **Content keys.** Each example is keyed by a 128-bit BLAKE2b hash of the collated inputs the teacher takes, restricted
 to its non-padding positions (`attention_mask != 0`) plus where those positions sit. The key is the teacher's input
 itself, so a cached output cannot be stale: an example collated into another batch, padded to another length, gets the
@@ -18,8 +22,8 @@ as flat arrays with offsets (`tokens` rows for example `i` are `token_offsets[i]
 through memory maps, so gigabytes of hidden states are paged in on demand rather than loaded.
 
 **Integrity.** The file carries a header checksum and a CRC-32 per block of about 256 KiB of every tensor
-(`hf_compress.distillation.mmap_safetensors`). Opening it checks the header and the whole key index (keys and offsets); every data
-block is checked the first time a lookup reads it. Damage found when `load_or_build` opens the file (header, index,
+(`mmap_safetensors`). Opening it checks the header and the whole key index (keys and offsets); every data block is
+checked the first time a lookup reads it. Damage found when `load_or_build` opens the file (header, index,
 truncation) makes it rebuild the file, with a warning; damage found in a data block during training raises
 `TeacherCacheCorruptedError` naming the file, tensor and block, and deletes the file so the next run rebuilds it.
 Files of an earlier format version (without checksums) are never opened: the version is part of the file name.
@@ -32,15 +36,12 @@ the temporary files in its folder left by processes of this host that no longer 
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import os
-import re
-import socket
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
@@ -55,27 +56,26 @@ from transformers import (
 )
 from transformers.utils import ModelOutput, logging
 
-from .mmap_safetensors import MappedSafetensors, SafetensorsCorruptedError, SafetensorsWriter
+from .cache_builder import CacheBuilder
+from .cache_format import (
+    CACHE_FORMAT,
+    CACHE_VERSION,
+    INDEX_TENSORS,
+    KEY_BYTES,
+    NO_CACHE_FIX,
+    CacheLayout,
+    data_fingerprint,
+    example_keys,
+    packed_rows,
+    teacher_fingerprint,
+)
+from .cache_temp_files import remove_stale_temp_files
+from .mmap_safetensors import MappedSafetensors, SafetensorsCorruptedError, from_stored_array
 
-try:  # POSIX only; elsewhere stale temporary files are never removed (see `_remove_stale_temp_files`)
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None
+if TYPE_CHECKING:
+    from .distributed import Lockstep
 
 logger = logging.get_logger(__name__)
-
-CACHE_FORMAT = "hf_compress.teacher_cache"  # stored in every cache file: a format id, not a module path
-# Bump when the key function or the file layout changes: it enters the teacher fingerprint, so old files are unused.
-# 2: block and header checksums (files of version 1 have none, so they are not trusted).
-CACHE_VERSION = 2
-KEY_BYTES = 16
-CACHE_DTYPES = ("float32", "float16", "bfloat16")
-_NO_CACHE_FIX = "set teacher_cache_dir=None to run the teacher live on every batch"
-_INDEX_TENSORS = ("keys", "token_offsets", "attention_offsets")
-# `<file>.<host tag>-<pid>.<mkstemp's random part>.tmp`; the random part is letters, digits and underscores.
-_TEMP_NAME = re.compile(r"^(?P<final>.+\.safetensors)\.(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)\.[A-Za-z0-9_]+\.tmp$")
-# What version 1 wrote (`<file>.<random>.tmp`, no owner in the name): reported, never removed.
-_LEGACY_TEMP_NAME = re.compile(r"^.+\.safetensors\.[a-z0-9_]{8}\.tmp$")
 
 
 class TeacherCacheCorruptedError(SafetensorsCorruptedError):
@@ -107,33 +107,6 @@ class CachedTeacherOutput(ModelOutput):
     attentions: tuple[torch.Tensor | None, ...] | None = None
 
 
-@dataclass(frozen=True)
-class CacheLayout:
-    """What a cache stores besides the logits; part of the teacher fingerprint.
-
-    Args:
-        token_level: Logits per token (token classification, masked LM) rather than per example.
-        hidden_states: Indices into the teacher's `hidden_states` tuple to store (the mapped teacher layers).
-        attentions: Indices into the teacher's `attentions` tuple to store.
-        intermediate_dtype: Storage dtype of hidden states and attentions; `None` keeps the teacher's.
-    """
-
-    token_level: bool
-    hidden_states: tuple[int, ...] = ()
-    attentions: tuple[int, ...] = ()
-    intermediate_dtype: torch.dtype | None = None
-
-    def describe(self) -> dict[str, Any]:
-        """A JSON-serialisable form, written in the cache file and hashed into the teacher fingerprint."""
-        dtype = self.intermediate_dtype
-        return {
-            "token_level": self.token_level,
-            "hidden_states": list(self.hidden_states),
-            "attentions": list(self.attentions),
-            "intermediate_dtype": None if dtype is None else str(dtype).removeprefix("torch."),
-        }
-
-
 def check_cacheable(train_dataset: Any, data_collator: Callable | None) -> None:
     """Refuse, with a `ValueError` naming the fix, training sets whose teacher inputs are known to change per pass.
 
@@ -146,7 +119,7 @@ def check_cacheable(train_dataset: Any, data_collator: Callable | None) -> None:
             f"teacher_cache_dir is set but the training set is a {type(train_dataset).__name__}, which cannot be "
             "enumerated in order before training, so its teacher outputs cannot be cached; use a map-style dataset "
             f"(e.g. `datasets.Dataset`, or `IterableDataset` materialised with `Dataset.from_generator`) or "
-            f"{_NO_CACHE_FIX}."
+            f"{NO_CACHE_FIX}."
         )
     collator = getattr(data_collator, "data_collator", data_collator)  # inside the Trainer's RemoveColumnsCollator
     reason = None
@@ -160,192 +133,26 @@ def check_cacheable(train_dataset: Any, data_collator: Callable | None) -> None:
         raise ValueError(
             f"teacher_cache_dir is set but the data collator {type(collator).__name__} {reason}, so the teacher's "
             "inputs change between epochs and cached outputs would be stale targets. Mask or pack the dataset once "
-            f"beforehand and use a deterministic collator (e.g. DataCollatorWithPadding), or {_NO_CACHE_FIX}."
+            f"beforehand and use a deterministic collator (e.g. DataCollatorWithPadding), or {NO_CACHE_FIX}."
         )
 
 
-def _valid_positions(inputs: Mapping[str, Any], input_names: Iterable[str]) -> np.ndarray:
-    """`(B, L)` booleans of the non-padding positions: the attention mask, or every position without one."""
-    mask = inputs.get("attention_mask")
-    if torch.is_tensor(mask):
-        return mask.detach().cpu().numpy() != 0
-    tensors = [inputs[name] for name in input_names if torch.is_tensor(inputs.get(name))]
-    seq_len = next((tensor.shape[1] for tensor in tensors if tensor.dim() >= 2), 0)
-    return np.ones((tensors[0].shape[0], seq_len), dtype=bool)
-
-
-def _example_keys(inputs: Mapping[str, Any], input_names: tuple[str, ...]) -> tuple[list[bytes], np.ndarray]:
-    """The content key of every row of a collated batch, and the `(B, L)` mask of its non-padding positions.
-
-    A key is a BLAKE2b hash of the teacher's inputs at the row's non-padding positions and of where those positions
-    sit (the mask up to its last non-padding position): the same example gives the same key in any batch, padded to
-    any length, and any change to what the teacher reads gives another key.
-    """
-    names = [name for name in input_names if name in inputs]
-    arrays = {name: inputs[name].detach().cpu().numpy() for name in names if torch.is_tensor(inputs[name])}
-    if not arrays:
-        raise ValueError(
-            f"The batch holds none of the teacher's inputs {list(input_names)} as tensors (keys: {sorted(inputs)}), "
-            f"so it cannot be looked up in the teacher cache; {_NO_CACHE_FIX}."
-        )
-    valid = _valid_positions(inputs, names)  # (B, L)
-    rows, seq_len = valid.shape
-    counts = valid.sum(1)
-    trimmed = np.where(counts > 0, seq_len - np.argmax(valid[:, ::-1], axis=1), 0)  # drops trailing padding only
-    splits = np.cumsum(counts)[:-1]
-    per_input_rows, batch_level = [], []
-    for name in names:
-        array = arrays.get(name)
-        if array is None:  # a non-tensor input: the same for every row
-            batch_level.append((name, repr(inputs[name])))
-        elif array.shape[:2] == valid.shape:  # per-position input: its non-padding positions, split by row
-            per_input_rows.append(np.split(np.ascontiguousarray(array[valid]), splits))
-            batch_level.append((name, str(array.dtype), array.shape[2:]))
-        else:  # one value (or vector) per row
-            per_input_rows.append([np.ascontiguousarray(row) for row in array])
-            batch_level.append((name, str(array.dtype), array.shape[1:]))
-    # What is the same for every row (names, dtypes, shapes) is hashed once; each row's hash continues from a copy.
-    prefix = hashlib.blake2b(repr(batch_level).encode(), digest_size=KEY_BYTES)
-    keys = []
-    for row in range(rows):
-        digest = prefix.copy()
-        digest.update(np.ascontiguousarray(valid[row, : trimmed[row]]))
-        for chunks in per_input_rows:
-            digest.update(chunks[row])
-        keys.append(digest.digest())
-    return keys, valid
-
-
-def teacher_fingerprint(teacher: PreTrainedModel, layout: CacheLayout) -> str:
-    """A hash of everything the cached outputs depend on: config, weights (bytes and dtypes), attention kernel, layout.
+def check_labels_inside_mask(inputs: Mapping[str, Any], token_level: bool) -> None:
+    """Refuse a batch whose labels point at padding: the cache holds token-level outputs at non-padding positions only.
 
     Args:
-        teacher: The teacher, as it will run (after any cast to the training precision).
-        layout: What the cache stores.
-
-    Returns:
-        A 64-character hex digest.
+        inputs: A training batch.
+        token_level: Whether the task predicts per token (only then are outputs stored per position).
     """
-    config = teacher.config.to_dict()
-    config.pop("_name_or_path", None)  # the same weights loaded from another folder give the same outputs
-    described = {
-        "format": CACHE_FORMAT,
-        "version": CACHE_VERSION,
-        "class": type(teacher).__name__,
-        "config": config,
-        "attn_implementation": getattr(teacher.config, "_attn_implementation", None),
-        "layout": layout.describe(),
-    }
-    digest = hashlib.blake2b(digest_size=32)
-    digest.update(json.dumps(described, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(teacher.state_dict().items()):
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(_as_bytes(tensor))
-    return digest.hexdigest()
-
-
-def _as_bytes(tensor: torch.Tensor) -> np.ndarray:
-    """The raw bytes of `tensor` as a uint8 array (any dtype, bfloat16 included)."""
-    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-
-
-def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    tensor = tensor.detach().cpu()
-    return tensor.view(torch.int16).numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy()
-
-
-def _to_torch(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    if not array.flags.writeable:  # a slice of the read-only map (fancy indexing already copies)
-        array = array.copy()
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
-    return tensor.view(torch.bfloat16) if dtype == torch.bfloat16 else tensor
-
-
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """The concatenation of `arange(start, start + length)` for each pair, without a Python loop."""
-    ends = np.cumsum(lengths)
-    return np.repeat(starts - (ends - lengths), lengths) + np.arange(ends[-1] if len(ends) else 0)
-
-
-# ---- Temporary files of builds ----
-
-
-def _host_tag() -> str:
-    """8 hex digits naming this machine in temporary file names: a PID means nothing on another host of a shared disk."""
-    return hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
-
-
-def _process_alive(pid: int) -> bool:
-    """Whether process `pid` of this host exists (a zombie counts: its parent has not collected it yet)."""
-    if os.name != "posix":  # os.kill(pid, 0) terminates the process on Windows
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # PermissionError: another user's live process
-        return True
-    return True
-
-
-def _create_temp_file(path: str) -> tuple[int, str]:
-    """Create and exclusively lock the temporary file of a build of `path`; returns its descriptor and path.
-
-    The name holds this host and process, so a later build can tell that the process is gone; the `flock`, held until
-    the descriptor is closed, guards a live build whose PID the cleaner cannot see (another PID namespace). On NFS,
-    where Linux emulates `flock` with POSIX locks that any `close` of the file by the process releases (the memory
-    maps open and close it), only the host and PID check protects a live build.
-    """
-    handle, temp_path = tempfile.mkstemp(
-        dir=os.path.dirname(path), prefix=f"{os.path.basename(path)}.{_host_tag()}-{os.getpid()}.", suffix=".tmp"
-    )
-    if fcntl is not None:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-    return handle, temp_path
-
-
-def _remove_stale_temp_files(cache_dir: str) -> None:
-    """Remove the temporary files in `cache_dir` of builds that were killed (their process is gone), and only those.
-
-    A file is removed only when it names this host, its process no longer runs, and no one holds its lock, so a
-    concurrent build of another process (of any cache, on any host) keeps its file.
-    """
-    if fcntl is None:
+    labels, attention_mask = inputs.get("labels"), inputs.get("attention_mask")
+    if not token_level or labels is None or attention_mask is None:
         return
-    legacy = []
-    for entry in os.scandir(cache_dir):
-        match = _TEMP_NAME.match(entry.name)
-        if match is None:
-            if _LEGACY_TEMP_NAME.match(entry.name):
-                legacy.append(entry.name)
-            continue
-        if match["host"] != _host_tag() or _process_alive(int(match["pid"])):
-            continue
-        try:
-            handle = os.open(entry.path, os.O_RDONLY)
-        except FileNotFoundError:  # removed meanwhile by another process's cleanup
-            continue
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            size = os.fstat(handle).st_size
-            os.remove(entry.path)
-        except (BlockingIOError, FileNotFoundError):  # held by a live build, or removed meanwhile
-            continue
-        finally:
-            os.close(handle)
-        logger.warning(
-            f"Removed {entry.path} ({size} bytes), the temporary file of a teacher cache build by process "
-            f"{match['pid']} of this host, which was killed before it finished."
+    if (labels.ne(-100) & attention_mask.eq(0)).any():
+        raise ValueError(
+            "The batch has labels at positions whose attention_mask is 0, but the teacher cache stores the "
+            "teacher's outputs at non-padding positions only; label padding with -100 (as "
+            "DataCollatorForTokenClassification does) or set teacher_cache_dir=None."
         )
-    if legacy:
-        logger.warning(
-            f"{cache_dir} holds temporary files of teacher cache builds by an earlier hf-compress version "
-            f"({', '.join(sorted(legacy))}); they are not used and cannot be told apart from a build still running, "
-            "so they are kept: delete them once no older hf-compress is building a cache there."
-        )
-
-
-# ---- The cache ----
 
 
 class TeacherCache:
@@ -399,7 +206,7 @@ class TeacherCache:
         # The whole index is read into memory below, so it is checked in full now: a damaged key must not later look
         # like an input the cache does not hold.
         try:
-            for name in _INDEX_TENSORS:
+            for name in INDEX_TENSORS:
                 file.verify_tensor(name)
         except SafetensorsCorruptedError as error:
             raise self._corrupted(error) from None
@@ -469,7 +276,7 @@ class TeacherCache:
                 then deleted, so that the next run rebuilds it).
             ValueError: when a row's inputs are not in the cache (the collator or a dataset transform changed them).
         """
-        keys, valid = _example_keys(inputs, self.input_names)
+        keys, valid = example_keys(inputs, self.input_names)
         rows = np.empty(len(keys), dtype=np.int64)
         for row, key in enumerate(keys):
             index = self._index.get(key)
@@ -484,13 +291,13 @@ class TeacherCache:
                     f"Row {row} of this training batch is not in the teacher cache {self.path}: its inputs differ "
                     "from every example the cache was built from, so the data collator or a dataset transform changes "
                     "the inputs between passes (random masking, augmentation, random truncation, ...) and cached "
-                    f"teacher outputs would be stale targets. Make the inputs deterministic, or {_NO_CACHE_FIX}."
+                    f"teacher outputs would be stale targets. Make the inputs deterministic, or {NO_CACHE_FIX}."
                 )
             rows[row] = index
         layout = self._layout
         valid_mask = torch.from_numpy(valid)  # (B, L)
         token_starts, counts = self._token_offsets[rows], valid.sum(1)
-        token_rows = _ranges(token_starts, counts)  # the stored rows of every valid position
+        token_rows = packed_rows(token_starts, counts)  # the stored rows of every valid position
 
         # Every block this batch reads is checked before its values are used (each block once per opened file).
         token_stops = token_starts + counts
@@ -499,7 +306,7 @@ class TeacherCache:
             logits = self._per_position("logits", token_rows, valid_mask)  # (B, L, C)
         else:
             self._verify("logits", rows, rows + 1)
-            logits = _to_torch(self._arrays["logits"][rows], self._dtypes["logits"])  # (B, C)
+            logits = from_stored_array(self._arrays["logits"][rows], self._dtypes["logits"])  # (B, C)
         output = CachedTeacherOutput(logits=logits.to(device))
         if layout["hidden_states"]:
             hidden_states = [None] * self._num_hidden_states
@@ -518,7 +325,7 @@ class TeacherCache:
     def _per_position(self, name: str, token_rows: np.ndarray, valid: torch.Tensor) -> torch.Tensor:
         """Scatter the stored non-padding rows of `name` back into a zero-padded `(B, L, ...)` tensor."""
         stored = self._arrays[name]
-        values = _to_torch(stored[token_rows], self._dtypes[name])  # (valid positions, ...)
+        values = from_stored_array(stored[token_rows], self._dtypes[name])  # (valid positions, ...)
         padded = values.new_zeros((*valid.shape, *stored.shape[1:]))  # (B, L, ...)
         padded[valid] = values  # boolean indexing walks row-major, the order they were stored in
         return padded
@@ -532,7 +339,7 @@ class TeacherCache:
             positions = valid[row].nonzero().squeeze(1)  # (n,)
             n = len(positions)
             start = self._attention_offsets[index]
-            block = _to_torch(stored[start : start + num_heads * n * n], dtype).view(num_heads, n, n)
+            block = from_stored_array(stored[start : start + num_heads * n * n], dtype).view(num_heads, n, n)
             padded[row][:, positions[:, None], positions[None, :]] = block  # (nh, n, n) into (nh, L, L)
         return padded
 
@@ -546,6 +353,7 @@ class TeacherCache:
         input_names: Iterable[str],
         layout: CacheLayout,
         show_progress: bool = True,
+        lockstep: Lockstep | None = None,
     ) -> TeacherCache:
         """Open the cache of this teacher and training set, computing it first when no valid file exists.
 
@@ -560,6 +368,12 @@ class TeacherCache:
             input_names: The inputs the teacher takes; the example keys hash these.
             layout: What to store besides the logits.
             show_progress: Show tqdm progress bars.
+            lockstep: For a teacher sharded over processes (FSDP2), whose every forward and fingerprint is a
+                collective: every process of the run then calls `load_or_build` with the same batches. They agree on
+                whether to build (any writer without a valid file makes all build), run the teacher together on every
+                batch while the writers (`lockstep.writes`, one process per node) write the file, agree on whether
+                every write succeeded (a failed write is raised on every process, never left waiting), then all
+                open the file. `None`: this process alone decides, builds and writes.
 
         Returns:
             The opened `TeacherCache`; its `built` says whether the teacher had to run.
@@ -573,33 +387,20 @@ class TeacherCache:
         input_names = tuple(sorted(input_names))
         keys, counts = [], []
         for batch in tqdm(batches, desc="Fingerprinting the training set", disable=not show_progress):
-            batch_keys, valid = _example_keys(batch, input_names)
+            batch_keys, valid = example_keys(batch, input_names)
             keys += batch_keys
             counts.append(valid.sum(1))
         if not keys:
-            raise ValueError(f"The training set is empty, so there is nothing to cache; {_NO_CACHE_FIX}.")
-        data_digest = hashlib.blake2b(b"".join(keys), digest_size=32).hexdigest()
+            raise ValueError(f"The training set is empty, so there is nothing to cache; {NO_CACHE_FIX}.")
+        data_digest = data_fingerprint(keys)
         teacher_digest = teacher_fingerprint(teacher, layout)
-        os.makedirs(cache_dir, exist_ok=True)
-        _remove_stale_temp_files(cache_dir)
         path = os.path.join(cache_dir, f"{teacher_digest[:16]}-{data_digest[:16]}.safetensors")
-        if os.path.isfile(path):
-            try:
-                cache = cls(path, input_names)
-            except TeacherCacheCorruptedError as error:
-                # Found before training: rebuilding costs one teacher pass, and a damaged file is worth nothing.
-                logger.warning(f"Deleting and rebuilding the teacher cache {path}, which is damaged: {error.reason}")
-                try:
-                    os.remove(path)
-                except FileNotFoundError:  # removed meanwhile by another process
-                    pass
-            except (ValueError, KeyError, OSError) as error:  # JSONDecodeError is a ValueError
-                logger.warning(f"Rebuilding the teacher cache {path}, which cannot be read ({error}).")
-            else:
-                if (cache.teacher_fingerprint, cache.data_fingerprint) == (teacher_digest, data_digest):
-                    logger.info(f"Reusing the cached teacher outputs of {cache.num_examples} examples in {path}.")
-                    return cache
-                logger.warning(f"Rebuilding the teacher cache {path}: its full fingerprints differ from this run's.")
+        writes = lockstep is None or lockstep.writes
+        cache = cls._reuse(path, input_names, teacher_digest, data_digest) if writes else None
+        # Also a barrier: the other processes open the file only once their writer has checked or rebuilt it.
+        build = cache is None if lockstep is None else lockstep.any(writes and cache is None)
+        if not build:
+            return cache if cache is not None else cls(path, input_names)
         metadata = {
             "format": CACHE_FORMAT,
             "version": str(CACHE_VERSION),
@@ -607,174 +408,44 @@ class TeacherCache:
             "data_fingerprint": data_digest,
             "num_training_examples": str(len(keys)),
         }
-        builder = _Builder(keys, np.concatenate(counts), input_names, layout, metadata)
-        builder.write(path, batches, teacher_forward, show_progress)
+        builder = CacheBuilder(keys, np.concatenate(counts), input_names, layout, metadata)
+        if lockstep is None:
+            builder.write(path, batches, teacher_forward, show_progress)
+        else:
+            error = builder.write(path if writes else None, batches, teacher_forward, show_progress, lockstep=True)
+            if lockstep.any(error is not None):
+                if error is not None:
+                    raise error
+                raise RuntimeError(
+                    f"Writing the teacher cache {path} failed on another process (its error says why), so this "
+                    "process stops too. Fix the cause (often the disk of teacher_cache_dir) and rerun, or set "
+                    "teacher_cache_dir=None to run the teacher live."
+                )
         cache = cls(path, input_names, built=True)
         logger.info(f"Cached the teacher outputs of {cache.num_examples} examples in {path}.")
         return cache
 
-
-class _Builder:
-    """Runs the teacher over the training set once and writes each distinct example's outputs into the cache file."""
-
-    def __init__(
-        self,
-        keys: list[bytes],
-        counts: np.ndarray,
-        input_names: tuple[str, ...],
-        layout: CacheLayout,
-        metadata: dict[str, str],
-    ):
-        self.keys, self.input_names, self.layout, self.metadata = keys, input_names, layout, metadata
-        self.row_of: dict[bytes, int] = {}  # key -> its cache row; repeats of an example share the first one's
-        for key in keys:
-            self.row_of.setdefault(key, len(self.row_of))
-        self.counts = np.zeros(len(self.row_of), dtype=np.int64)  # non-padding positions of each cache row
-        for key, count in zip(keys, counts, strict=True):
-            self.counts[self.row_of[key]] = count
-        self.token_offsets = np.concatenate([[0], np.cumsum(self.counts)])
-        self.attention_offsets = np.zeros(len(self.counts) + 1, dtype=np.int64)  # set once the head count is known
-        self.filled = np.zeros(len(self.counts), dtype=bool)
-        self.writer: SafetensorsWriter | None = None
-        self.arrays: dict[str, np.ndarray] | None = None  # the writer's maps
-
-    def write(
-        self,
-        path: str,
-        batches: Iterable[Mapping[str, Any]],
-        teacher_forward: Callable[[Mapping[str, Any]], ModelOutput],
-        show_progress: bool,
-    ) -> None:
-        """Write the cache to a temporary file beside `path` and rename it to `path` once complete."""
-        handle, temp_path = _create_temp_file(path)
+    @classmethod
+    def _reuse(cls, path: str, input_names: tuple[str, ...], teacher_digest: str, data_digest: str) -> TeacherCache | None:
+        """The valid cache at `path`, or `None` when it must be built (a damaged file is deleted); first creates the
+        folder and removes the temporary files of killed builds in it."""
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        remove_stale_temp_files(os.path.dirname(path))
+        if not os.path.isfile(path):
+            return None
         try:
-            position = 0
-            for batch in tqdm(batches, desc="Caching teacher outputs", disable=not show_progress):
-                batch_keys, valid = _example_keys(batch, self.input_names)
-                if batch_keys != self.keys[position : position + len(batch_keys)]:
-                    raise ValueError(
-                        "Two in-order passes over the training set gave different teacher inputs: the data collator "
-                        "or a dataset transform is random (masking, augmentation, random truncation, ...), so cached "
-                        f"teacher outputs would be stale targets. Make the inputs deterministic, or {_NO_CACHE_FIX}."
-                    )
-                position += len(batch_keys)
-                rows = np.array([self.row_of[key] for key in batch_keys], dtype=np.int64)
-                todo = self._first_occurrences(rows)
-                if not todo.any():  # every example of the batch is a repeat: no need to run the teacher
-                    continue
-                with torch.inference_mode():
-                    outputs = teacher_forward(batch)
-                if self.writer is None:
-                    self._allocate(temp_path, outputs)
-                self._write_batch(outputs, valid, rows, todo)
-            if position != len(self.keys):
-                raise ValueError(
-                    f"The second pass over the training set gave {position} examples instead of {len(self.keys)}; it "
-                    f"must give the same examples in every pass, or {_NO_CACHE_FIX}."
-                )
-            self.writer.finish()  # checksums, then fsync: the data is on disk before the name says it is complete
-            self.writer = self.arrays = None
-            os.replace(temp_path, path)
-        except BaseException:  # KeyboardInterrupt included: never leave a partial file behind
-            if self.writer is not None:
-                self.writer.close()
-            self.writer = self.arrays = None
-            os.remove(temp_path)
-            raise
-        finally:
-            os.close(handle)  # releases the lock only now, after the rename or removal
-
-    def _first_occurrences(self, rows: np.ndarray) -> np.ndarray:
-        """Which batch rows hold an example whose outputs are not written yet (the first of repeats in the batch)."""
-        todo = np.zeros(len(rows), dtype=bool)
-        seen = set()
-        for i, row in enumerate(rows.tolist()):
-            if not self.filled[row] and row not in seen:
-                todo[i] = True
-                seen.add(row)
-        return todo
-
-    def _allocate(self, path: str, outputs: ModelOutput) -> None:
-        """Create the file, now that the first batch's outputs give the shapes and dtypes."""
-        layout, num_rows, num_tokens = self.layout, len(self.counts), int(self.token_offsets[-1])
-        logits = outputs.logits
-        specs = {
-            "keys": (torch.uint8, (num_rows, KEY_BYTES)),
-            "token_offsets": (torch.int64, (num_rows + 1,)),
-            "attention_offsets": (torch.int64, (num_rows + 1,)),
-            # token-level: (tokens, C) at non-padding positions; else (examples, C)
-            "logits": (
-                logits.dtype,
-                (num_tokens, *logits.shape[2:]) if layout.token_level else (num_rows, *logits.shape[1:]),
-            ),
-        }
-        for index in layout.hidden_states:
-            hidden = _returned(outputs, "hidden_states", index)
-            specs[f"hidden_states.{index}"] = (
-                layout.intermediate_dtype or hidden.dtype,
-                (num_tokens, *hidden.shape[2:]),
-            )
-        num_heads = 0
-        for index in layout.attentions:
-            attention = _returned(outputs, "attentions", index)  # (B, nh, L, L)
-            num_heads = attention.shape[1]
-            self.attention_offsets = np.concatenate([[0], np.cumsum(num_heads * self.counts**2)])
-            specs[f"attentions.{index}"] = (
-                layout.intermediate_dtype or attention.dtype,
-                (int(self.attention_offsets[-1]),),
-            )
-        self.metadata["layout"] = json.dumps({**layout.describe(), "num_heads": num_heads})
-        self.metadata["num_hidden_states"] = str(len(outputs.hidden_states or ()))
-        self.metadata["num_attentions"] = str(len(outputs.attentions or ()))
-        self.writer = SafetensorsWriter(path, specs, self.metadata)
-        self.arrays = self.writer.arrays
-        self.arrays["keys"][:] = np.frombuffer(b"".join(self.row_of), dtype=np.uint8).reshape(num_rows, KEY_BYTES)
-        self.arrays["token_offsets"][:] = self.token_offsets
-        self.arrays["attention_offsets"][:] = self.attention_offsets
-
-    def _write_batch(self, outputs: ModelOutput, valid: np.ndarray, rows: np.ndarray, todo: np.ndarray) -> None:
-        """Copy the outputs of the batch rows in `todo` to their cache rows."""
-        batch_rows = torch.from_numpy(np.flatnonzero(todo))
-        cache_rows = rows[todo]
-        valid_mask = torch.from_numpy(valid)[batch_rows]  # (k, L)
-        # The stored rows of every valid position of the rows written, in row-major order.
-        token_rows = _ranges(self.token_offsets[cache_rows], self.counts[cache_rows])
-        logits = outputs.logits.detach().cpu()[batch_rows]
-        if self.layout.token_level:
-            self._write_positions("logits", logits, valid_mask, token_rows)
-        else:
-            self.arrays["logits"][cache_rows] = _to_numpy(logits)
-        for index in self.layout.hidden_states:
-            hidden = _returned(outputs, "hidden_states", index).detach().cpu()[batch_rows]
-            self._write_positions(f"hidden_states.{index}", hidden, valid_mask, token_rows)
-        for index in self.layout.attentions:
-            attention = _returned(outputs, "attentions", index).detach().cpu()[batch_rows]  # (k, nh, L, L)
-            dtype, stored = self.layout.intermediate_dtype or attention.dtype, self.arrays[f"attentions.{index}"]
-            for row, cache_row in enumerate(cache_rows):
-                positions = valid_mask[row].nonzero().squeeze(1)  # (n,)
-                block = attention[row][:, positions[:, None], positions[None, :]]  # (nh, n, n)
-                start = self.attention_offsets[cache_row]
-                stored[start : start + block.numel()] = _to_numpy(block.to(dtype).reshape(-1))
-        self.filled[cache_rows] = True
-
-    def _write_positions(self, name: str, values: torch.Tensor, valid: torch.Tensor, token_rows: np.ndarray) -> None:
-        """Store the non-padding positions of `values` `(k, L, ...)` at `token_rows`."""
-        if values.shape[:2] != valid.shape:
-            raise ValueError(
-                f"The teacher's {name} has shape {tuple(values.shape)}, which does not follow the batch's "
-                f"{tuple(valid.shape)} positions, so it cannot be stored per token; {_NO_CACHE_FIX}."
-            )
-        stored = self.arrays[name]
-        dtype = self.layout.intermediate_dtype if name != "logits" and self.layout.intermediate_dtype else values.dtype
-        stored[token_rows] = _to_numpy(values[valid].to(dtype))  # (valid positions, ...)
-
-
-def _returned(outputs: ModelOutput, name: str, index: int) -> torch.Tensor:
-    """`outputs.<name>[index]`, or a ValueError when the teacher did not return it."""
-    values = getattr(outputs, name, None)
-    if values is None or index >= len(values):
-        raise ValueError(
-            f"The teacher returned no {name}[{index}], which the intermediate losses need; its forward must honour "
-            f"output_{name}=True."
-        )
-    return values[index]
+            cache = cls(path, input_names)
+        except TeacherCacheCorruptedError as error:
+            # Found before training: rebuilding costs one teacher pass, and a damaged file is worth nothing.
+            logger.warning(f"Deleting and rebuilding the teacher cache {path}, which is damaged: {error.reason}")
+            with contextlib.suppress(FileNotFoundError):  # removed meanwhile by another process
+                os.remove(path)
+            return None
+        except (ValueError, KeyError, OSError) as error:  # JSONDecodeError is a ValueError
+            logger.warning(f"Rebuilding the teacher cache {path}, which cannot be read ({error}).")
+            return None
+        if (cache.teacher_fingerprint, cache.data_fingerprint) == (teacher_digest, data_digest):
+            logger.info(f"Reusing the cached teacher outputs of {cache.num_examples} examples in {path}.")
+            return cache
+        logger.warning(f"Rebuilding the teacher cache {path}: its full fingerprints differ from this run's.")
+        return None

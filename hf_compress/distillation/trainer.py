@@ -9,11 +9,10 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import datasets
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, Trainer, TrainerCallback
@@ -21,43 +20,46 @@ from transformers.trainer_utils import EvalLoopOutput, TrainOutput
 from transformers.utils import ModelOutput, logging
 
 from ..architectures import supported_model_types
-from ..deploy.model_card import COMPARISON_FILE, create_model_card
-from ..pruning.unstructured import l1_penalty
-from .checks import (
-    _attention_pairs,
-    _attention_position,
-    _check_compatible,
-    _check_gradual_pruning,
-    _forward_arg_names,
-    _heads_per_layer,
-    _is_regression,
-    _load_teacher,
-    _resolve_layer_mapping,
-    _switch_off_attention_dropout,
-    _task_of,
+from ..deploy.comparison import COMPARISON_FILE
+from ..deploy.model_card import create_model_card
+from .attention_pairs import (
+    attention_pairs,
+    attention_position,
+    check_gradual_pruning,
+    heads_per_layer,
+    switch_off_attention_dropout,
+    use_eager_attention,
 )
+from .cache_format import CacheLayout
+from .checks import check_compatible, forward_arg_names, is_regression, resolve_layer_mapping, task_of
 from .config import DistillationTrainingArguments
-from .losses import (
-    attention_kl_loss,
-    cross_entropy_loss,
-    hidden_state_loss,
-    regression_loss,
-    soft_kl_loss,
-    token_kl_loss,
+from .distributed import (
+    Lockstep,
+    check_distributed_setup,
+    check_enabled_setup,
+    is_sharded,
+    shard_teacher,
+    warn_if_fsdp_ignored,
 )
-from .teacher_cache import CacheLayout, TeacherCache, check_cacheable
+from .loss_accounting import EvaluationLossParts, ItemCounts, TrainingLossParts, accumulated_item_counts, count_items
+from .loss_parts import LossParts
+from .losses import (
+    l1_penalty,
+)
+from .projections import (
+    add_to_optimizer,
+    average_gradients,
+    build_projections,
+    detached_from_optimizer,
+    load_projections,
+    load_projections_optimizer_state,
+    save_projections,
+    save_projections_optimizer_state,
+)
+from .teacher import load_teacher, prepare_teacher, run_teacher
+from .teacher_cache import TeacherCache, check_cacheable, check_labels_inside_mask
 
 logger = logging.get_logger(__name__)
-
-# Written beside the optimizer state in each checkpoint (never into the student's weights), so resuming restores it.
-PROJECTIONS_NAME = "distillation_projections.safetensors"
-
-
-class _ItemCounts(NamedTuple):
-    """What `DistillationTrainer` passes as `num_items_in_batch`: counts over the accumulated (and gathered) batch."""
-
-    items: torch.Tensor  # positions the soft and hard losses average over (labelled examples or tokens)
-    examples: torch.Tensor  # rows, which the hidden-state and attention losses average over
 
 
 class _DistillationCallback(TrainerCallback):
@@ -67,8 +69,7 @@ class _DistillationCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer._loss_part_sums = {}
-        self.trainer._loss_parts_logged_step = state.global_step
+        self.trainer._training_loss_parts.reset(state.global_step)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         # The Trainer only zeroes the student's gradients (`model.zero_grad()`).
@@ -171,13 +172,14 @@ class DistillationTrainer(Trainer):
             )
         if teacher_model is None:
             raise ValueError("DistillationTrainer needs a teacher_model (a PreTrainedModel, Hub id or local path).")
+        check_distributed_setup(args)
         if args.teacher_cache_dir is not None:
             check_cacheable(train_dataset, data_collator)
-        _check_gradual_pruning(callbacks, args)
+        check_gradual_pruning(callbacks, args)
         # Check everything before the Trainer touches the student, so a bad pair leaves both models as they were.
         if model is not None:
-            teacher_model = _load_teacher(teacher_model, model, args)
-            _check_compatible(model, teacher_model, args)
+            teacher_model = load_teacher(teacher_model, model, args)
+            check_compatible(model, teacher_model, args)
 
         super().__init__(
             model=model,
@@ -194,14 +196,17 @@ class DistillationTrainer(Trainer):
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
         if model is None:  # built by `model_init` inside `Trainer.__init__`
-            teacher_model = _load_teacher(teacher_model, self.model, args)
-            _check_compatible(self.model, teacher_model, args)
+            teacher_model = load_teacher(teacher_model, self.model, args)
+            check_compatible(self.model, teacher_model, args)
+        # The accelerator may have read DeepSpeed / FSDP plugins from the environment (accelerate launch).
+        check_enabled_setup(args, self.accelerator.state, teacher_model)
+        warn_if_fsdp_ignored(args, self.accelerator.state, self.is_fsdp_enabled)
 
-        self._task = _task_of(self.model)
-        self._regression = _is_regression(self.model.config)
-        self.teacher_model = self._prepare_teacher(teacher_model)
-        self._student_input_names = _forward_arg_names(self.model) - {"labels"}
-        self._teacher_input_names = _forward_arg_names(self.teacher_model) - {"labels"}
+        self._task = task_of(self.model)
+        self._regression = is_regression(self.model.config)
+        self.teacher_model = prepare_teacher(teacher_model, self.args)
+        self._student_input_names = forward_arg_names(self.model) - {"labels"}
+        self._teacher_input_names = forward_arg_names(self.teacher_model) - {"labels"}
         self._output_flags = {}
         if args.hidden_loss_weight > 0:
             self._output_flags["output_hidden_states"] = True
@@ -216,71 +221,52 @@ class DistillationTrainer(Trainer):
         self.layer_mapping: dict[int, int] = {}
         self.hidden_projections: nn.ModuleDict | None = None
         if args.uses_intermediate_layers:
-            self.layer_mapping = _resolve_layer_mapping(self.model, self.teacher_model, args)
-            self.hidden_projections = self._build_projections()
+            self.layer_mapping = resolve_layer_mapping(self.model, self.teacher_model, args)
+            self.hidden_projections = build_projections(
+                self.model.config, self.teacher_model.config, self.layer_mapping, args
+            )
         # The teacher's structure never changes; the student's may (GradualStructuredPruningCallback), so its
         # attention positions are looked up at every step.
-        self._teacher_heads = _heads_per_layer(self.teacher_model) if args.attention_loss_weight > 0 else None
+        self._teacher_heads = heads_per_layer(self.teacher_model) if args.attention_loss_weight > 0 else None
         self._attention_pairs: list[tuple[int, int]] = []
         if args.attention_loss_weight > 0:
-            self._attention_pairs = _attention_pairs(self.model, self.teacher_model, self.layer_mapping)[0]
-        self._warned_attention_pairs: set[tuple[int, int]] = set()
+            self._attention_pairs = attention_pairs(self.model, self.teacher_model, self.layer_mapping)[0]
+        self._loss_parts = LossParts(
+            args,
+            token_level=self._task.token_level,
+            regression=self._regression,
+            layer_mapping=self.layer_mapping,
+            hidden_projections=self.hidden_projections,
+            teacher_heads=self._teacher_heads,
+            attention_pairs=self._attention_pairs,
+        )
 
         if args.l1_weight > 0:
             l1_penalty(self.model, include=args.l1_modules)  # unknown module patterns fail here, not mid-training
 
-        self._loss_part_sums: dict[str, torch.Tensor] = {}
-        self._loss_parts_logged_step = 0
-        # Per part: (sum over the evaluation set so far, number of items it averages over), see `evaluation_loop`.
-        self._eval_part_totals: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._training_loss_parts = TrainingLossParts()  # logged next to `loss`, see `log`
+        self._evaluation_loss_parts = EvaluationLossParts()  # added to the metrics, see `evaluation_loop`
         self.add_callback(_DistillationCallback(self))
+        # Under FSDP2 the projections join the optimizer only once accelerate has sharded the student (see
+        # `create_scheduler`); True while they wait.
+        self._projections_pending = False
+        if self.is_fsdp_enabled and args.teacher_sharding == "shard":
+            # Last: everything above reads the teacher's modules whole.
+            shard_teacher(self.teacher_model, self.accelerator)
 
     # ---- Setup ----
-
-    def _prepare_teacher(self, teacher: PreTrainedModel) -> PreTrainedModel:
-        """Freeze the teacher and put it on the training device and compute dtype (it is never `prepare`d)."""
-        teacher.eval()
-        teacher.requires_grad_(False)
-        dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
-        # A teacher dispatched over devices by `device_map` stays where it is.
-        if getattr(teacher, "hf_device_map", None) is None:
-            teacher.to(device=self.args.device, dtype=dtype)
-        if self.args.attention_loss_weight > 0:
-            self._use_eager_attention(teacher, "teacher")
-        return teacher
-
-    def _use_eager_attention(self, model: PreTrainedModel, role: str) -> None:
-        """SDPA and flash attention return no attention probabilities; the attention loss needs them."""
-        if model.config._attn_implementation == "eager":
-            return
-        logger.info(f"Switching the {role} ({type(model).__name__}) to eager attention for the attention loss.")
-        model.set_attn_implementation("eager")
-        if model.config._attn_implementation != "eager":
-            raise ValueError(
-                f"The attention loss needs attention probabilities, but the {role} ({type(model).__name__}) could not "
-                f"be switched from {model.config._attn_implementation!r} to eager attention; load it with "
-                "`attn_implementation='eager'` or set attention_loss_weight=0."
-            )
 
     def _prepare_student(self, model: PreTrainedModel) -> None:
         """The attention loss needs the student's attention probabilities, undropped."""
         if self.args.attention_loss_weight > 0:
-            self._use_eager_attention(model, "student")
+            use_eager_attention(model, "student")
             if model.config.model_type in supported_model_types():
-                _switch_off_attention_dropout(model)
+                switch_off_attention_dropout(model)
 
     def call_model_init(self, trial: Any = None) -> PreTrainedModel:
         model = super().call_model_init(trial)
         self._prepare_student(model)
         return model
-
-    def _build_projections(self) -> nn.ModuleDict | None:
-        """One learned `Linear(student_hidden, teacher_hidden)` per mapped student layer, when the sizes differ."""
-        student_size, teacher_size = self.model.config.hidden_size, self.teacher_model.config.hidden_size
-        if self.args.hidden_loss_weight == 0 or student_size == teacher_size:
-            return None
-        projections = nn.ModuleDict({str(s): nn.Linear(student_size, teacher_size) for s in self.layer_mapping})
-        return projections.to(self.args.device)
 
     def _set_signature_columns_if_needed(self) -> None:
         # Keep the columns the teacher needs even when the student's forward does not take them.
@@ -289,28 +275,37 @@ class DistillationTrainer(Trainer):
             self._signature_columns += sorted(self._teacher_input_names - set(self._signature_columns))
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        """The Trainer's optimizer, plus the hidden-state projections (trained with the student) when there are any."""
+        """The Trainer's optimizer, plus the hidden-state projections (trained with the student) when there are any.
+
+        Under FSDP2 the optimizer is created before accelerate shards the student, and `accelerator.prepare` then
+        swaps each of its parameters for the student's shard of it, which fails for the projections (they are not
+        in the student): they are added right after `prepare`, before the LR scheduler is built (`create_scheduler`).
+        """
         created_here = self.optimizer is None
         optimizer = super().create_optimizer(model)
-        if self.hidden_projections is None:
-            return optimizer
-        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        if all(id(p) in in_optimizer for p in self.hidden_projections.parameters()):
-            return optimizer
-        if not created_here:
-            logger.warning(
-                "The optimizer passed to DistillationTrainer does not hold `trainer.hidden_projections`, so the "
-                "hidden-state projections stay at their random initialisation; add their parameters to it."
-            )
-            return optimizer
-        named = list(self.hidden_projections.named_parameters())
-        optimizer.add_param_group(
-            {"params": [p for n, p in named if n.endswith("weight")], "weight_decay": self.args.weight_decay}
-        )
-        optimizer.add_param_group({"params": [p for n, p in named if not n.endswith("weight")], "weight_decay": 0.0})
+        if self.hidden_projections is not None:
+            if self.is_fsdp_enabled and created_here and not is_sharded(self.model):
+                self._projections_pending = True
+            else:
+                add_to_optimizer(optimizer, self.hidden_projections, self.args.weight_decay, created_here)
         return optimizer
 
-    # ---- Loss ----
+    def create_scheduler(
+        self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
+    ) -> torch.optim.lr_scheduler.LRScheduler:
+        """`Trainer.create_scheduler`, after adding the projections to the FSDP2 optimizer (see `create_optimizer`), so
+        that the schedule covers their parameter groups as it does without FSDP."""
+        if self._projections_pending and is_sharded(self.model):
+            add_to_optimizer(
+                optimizer if optimizer is not None else self.optimizer,
+                self.hidden_projections,
+                self.args.weight_decay,
+                created_here=True,
+            )
+            self._projections_pending = False
+        return super().create_scheduler(num_training_steps, optimizer)
+
+    # ---- The teacher ----
 
     def _teacher_outputs(self, inputs: dict[str, Any]) -> ModelOutput:
         """The teacher's outputs for one batch: the single place they come from.
@@ -327,32 +322,13 @@ class DistillationTrainer(Trainer):
             (from the cache: the mapped layers only, at the same indices).
         """
         if self.teacher_cache is not None and self.model.training:
-            self._check_labels_inside_mask(inputs)
+            check_labels_inside_mask(inputs, self._task.token_level)
             return self.teacher_cache.lookup(inputs, device=self.teacher_model.device)
         # no_grad rather than inference_mode: inference tensors cannot be saved for the student's backward, so they
         # would need a clone, and inference_mode was not faster (SST-2 MiniLM teacher, 32 x 64 tokens, 2 CPU threads:
         # 373 vs 362 ms per forward, benchmarks/results/distillation_cost.json). The cache build uses inference_mode.
         with torch.no_grad():
-            return self._run_teacher(inputs)
-
-    def _run_teacher(self, inputs: dict[str, Any]) -> ModelOutput:
-        device = self.teacher_model.device
-        teacher_inputs = {
-            k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items() if k in self._teacher_input_names
-        }
-        return self.teacher_model(**teacher_inputs, **self._output_flags)
-
-    def _check_labels_inside_mask(self, inputs: dict[str, Any]) -> None:
-        """The cache holds token-level outputs at non-padding positions only, so labels must not point elsewhere."""
-        labels, attention_mask = inputs.get("labels"), inputs.get("attention_mask")
-        if not self._task.token_level or labels is None or attention_mask is None:
-            return
-        if (labels.ne(-100) & attention_mask.eq(0)).any():
-            raise ValueError(
-                "The batch has labels at positions whose attention_mask is 0, but the teacher cache stores the "
-                "teacher's outputs at non-padding positions only; label padding with -100 (as "
-                "DataCollatorForTokenClassification does) or set teacher_cache_dir=None."
-            )
+            return run_teacher(self.teacher_model, inputs, self._teacher_input_names, self._output_flags)
 
     # ---- Teacher-output cache ----
 
@@ -368,7 +344,7 @@ class DistillationTrainer(Trainer):
         too; a file that matches the teacher and training set is reused (see `DistillationTrainingArguments`).
         """
         # Callbacks may have been added since construction (`add_callback`): check again before any step.
-        _check_gradual_pruning(self.callback_handler.callbacks, self.args)
+        check_gradual_pruning(self.callback_handler.callbacks, self.args)
         self.prepare_teacher_cache()
         return super().train(
             resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval
@@ -405,9 +381,9 @@ class DistillationTrainer(Trainer):
         check_cacheable(self.train_dataset, self.data_collator)
         args = self.args
         hidden_states = sorted(set(self.layer_mapping.values())) if args.hidden_loss_weight > 0 else []
-        # Positions in the teacher's returned `attentions` (layers without heads return none, see `_attention_position`)
+        # Positions in the teacher's returned `attentions` (layers without heads return none, see `attention_position`)
         attentions = (
-            sorted({_attention_position(self._teacher_heads, t) for _, t in self._attention_pairs})
+            sorted({attention_position(self._teacher_heads, t) for _, t in self._attention_pairs})
             if args.attention_loss_weight > 0
             else []
         )
@@ -416,7 +392,7 @@ class DistillationTrainer(Trainer):
 
         def teacher_forward(batch: dict[str, Any]) -> ModelOutput:
             with self.compute_loss_context_manager():  # the precision context the live teacher runs in
-                return self._run_teacher(batch)
+                return run_teacher(self.teacher_model, batch, self._teacher_input_names, self._output_flags)
 
         # Every process needs the whole training set's outputs (each sees other examples every epoch): the main
         # process builds the file, the others then find it.
@@ -445,38 +421,27 @@ class DistillationTrainer(Trainer):
             num_workers=self.args.dataloader_num_workers,
         )
 
-    def _count_items(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
-        """(positions the soft and hard losses average over, rows) of one batch."""
-        rows = next(v.shape[0] for v in batch.values() if torch.is_tensor(v))
-        labels = batch.get("labels")
-        if self._regression:
-            return torch.tensor(rows), rows
-        if labels is not None:
-            return labels.ne(-100).sum(), rows
-        if self._task.token_level:
-            mask = batch.get("attention_mask")
-            return (mask.sum() if mask is not None else torch.tensor(batch["input_ids"].numel())), rows
-        return torch.tensor(rows), rows
+    # ---- Loss ----
 
-    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> _ItemCounts | None:
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> ItemCounts | None:
         """Item counts of the whole accumulated batch, summed over processes, so that every part of the loss averages
         over the big batch exactly (the stock Trainer only counts labels, and only when the model takes loss kwargs).
         """
-        if not batch_samples:
-            return None
-        counts = [self._count_items(batch) for batch in batch_samples]
-        totals = torch.stack([sum(items for items, _ in counts), torch.tensor(sum(rows for _, rows in counts))])
-        totals = totals.to(device=device, dtype=torch.long)
-        if self.args.average_tokens_across_devices and self.args.world_size > 1:
-            totals = self.accelerator.gather(totals[None]).sum(0)
-        return _ItemCounts(items=totals[0], examples=totals[1])
+        across_processes = self.args.average_tokens_across_devices and self.args.world_size > 1
+        return accumulated_item_counts(
+            batch_samples,
+            self._task.token_level,
+            self._regression,
+            device,
+            accelerator=self.accelerator if across_processes else None,
+        )
 
     def compute_loss(
         self,
         model: nn.Module,
         inputs: dict[str, Any],
         return_outputs: bool = False,
-        num_items_in_batch: _ItemCounts | torch.Tensor | int | None = None,
+        num_items_in_batch: ItemCounts | torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, ModelOutput]:
         """The distillation loss of one batch (see the class docstring).
 
@@ -497,15 +462,18 @@ class DistillationTrainer(Trainer):
                 f"has no 'labels' (keys: {sorted(inputs)}); add labels or set alpha=1.0 for pure distillation."
             )
         items, examples = (
-            num_items_in_batch if isinstance(num_items_in_batch, _ItemCounts) else (num_items_in_batch, None)
+            num_items_in_batch if isinstance(num_items_in_batch, ItemCounts) else (num_items_in_batch, None)
         )
         student_inputs = {k: v for k, v in inputs.items() if k in self._student_input_names}
         outputs = model(**student_inputs, **self._output_flags)
         teacher_outputs = self._teacher_outputs(inputs) if self._needs_teacher else None
         student_heads = (
-            _heads_per_layer(self.accelerator.unwrap_model(model)) if self.args.attention_loss_weight > 0 else None
+            heads_per_layer(self.accelerator.unwrap_model(model)) if self.args.attention_loss_weight > 0 else None
         )
-        parts = self._loss_parts(outputs, teacher_outputs, inputs, labels, items, examples, student_heads)
+        teacher_from_cache = self.teacher_cache is not None and self.model.training
+        parts = self._loss_parts(
+            outputs, teacher_outputs, inputs, labels, items, examples, student_heads, teacher_from_cache
+        )
 
         scale = 1
         if num_items_in_batch is not None and self.args.average_tokens_across_devices and self.args.world_size > 1:
@@ -513,7 +481,8 @@ class DistillationTrainer(Trainer):
             scale = self.accelerator.num_processes
             parts = {name: value * scale for name, value in parts.items()}
         if not model.training:
-            self._add_eval_parts(parts, inputs, items, examples, scale)
+            local_counts = count_items(inputs, self._task.token_level, self._regression)
+            self._evaluation_loss_parts.add(parts, local_counts, items, examples, scale)
         weights = {
             "soft_loss": self.args.alpha,
             "hard_loss": 1.0 - self.args.alpha,
@@ -528,145 +497,12 @@ class DistillationTrainer(Trainer):
             parts["l1_loss"] = l1 / getattr(self, "current_gradient_accumulation_steps", 1)
             loss = loss + self.args.l1_weight * parts["l1_loss"]
         if model.training:
-            for name, value in parts.items():
-                previous = self._loss_part_sums.get(name)
-                self._loss_part_sums[name] = value.detach() if previous is None else previous + value.detach()
+            self._training_loss_parts.add(parts)
         if not return_outputs:
             return loss
         if self._output_flags:  # do not hand evaluation the hidden states / attentions asked for the loss only
             outputs = type(outputs)(**{k: v for k, v in outputs.items() if k not in ("hidden_states", "attentions")})
         return loss, outputs
-
-    def _loss_parts(
-        self,
-        outputs: ModelOutput,
-        teacher_outputs: ModelOutput | None,
-        inputs: dict[str, Any],
-        labels: torch.Tensor | None,
-        items: torch.Tensor | int | None,
-        examples: torch.Tensor | None,
-        student_heads: tuple[int, ...] | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Each part of the loss, unweighted, normalised by `items` (soft, hard) or `examples` (intermediate)."""
-        logits = outputs.logits
-        parts = {}
-        if self._regression:
-            if teacher_outputs is not None:
-                parts["soft_loss"] = regression_loss(logits, teacher_outputs.logits, num_items_in_batch=items)
-            if labels is not None:
-                parts["hard_loss"] = regression_loss(logits, labels, num_items_in_batch=items)
-            return self._intermediate_parts(outputs, teacher_outputs, inputs, examples, parts, student_heads)
-
-        if labels is not None and labels.is_floating_point():
-            raise ValueError(
-                f"The labels are floats ({labels.dtype}) but the student has num_labels={logits.shape[-1]}: "
-                "multi-label classification is not supported; pass integer class indices."
-            )
-        temperature = self.args.temperature
-        mask = labels.ne(-100) if labels is not None else None
-        if teacher_outputs is not None:
-            teacher_logits = teacher_outputs.logits.to(logits.device)
-            if self._task.token_level:
-                if mask is None:
-                    attention_mask = inputs.get("attention_mask")
-                    mask = attention_mask.bool() if attention_mask is not None else torch.ones_like(logits[..., 0])
-                parts["soft_loss"] = token_kl_loss(logits, teacher_logits, mask, temperature, items)
-            else:
-                parts["soft_loss"] = soft_kl_loss(logits, teacher_logits, temperature, mask, items)
-        if labels is not None:
-            parts["hard_loss"] = cross_entropy_loss(logits, labels, self.args.label_smoothing_factor, items)
-        return self._intermediate_parts(outputs, teacher_outputs, inputs, examples, parts, student_heads)
-
-    def _intermediate_parts(
-        self,
-        outputs: ModelOutput,
-        teacher_outputs: ModelOutput | None,
-        inputs: dict[str, Any],
-        examples: torch.Tensor | None,
-        parts: dict[str, torch.Tensor],
-        student_heads: tuple[int, ...] | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Add the hidden-state and attention losses, each averaged over the mapped layer pairs.
-
-        `student_heads` are the student's heads per layer now (`_heads_per_layer`), which place each layer's map in
-        its returned `attentions`.
-        """
-        attention_mask = inputs.get("attention_mask")
-        if self.args.hidden_loss_weight > 0:
-            self._check_returned(outputs, teacher_outputs, "hidden_states")
-            losses = []
-            for s, t in self.layer_mapping.items():
-                student_hidden = outputs.hidden_states[s].float()
-                if self.hidden_projections is not None:
-                    student_hidden = self.hidden_projections[str(s)](student_hidden)
-                teacher_hidden = teacher_outputs.hidden_states[t].to(student_hidden.device)
-                losses.append(
-                    hidden_state_loss(
-                        student_hidden, teacher_hidden, attention_mask, self.args.hidden_loss_type, examples
-                    )
-                )
-            parts["hidden_loss"] = torch.stack(losses).mean()
-        if self.args.attention_loss_weight > 0:
-            self._check_returned(outputs, teacher_outputs, "attentions")
-            self._check_attention_count(outputs, "student", student_heads)
-            if self.teacher_cache is None or not self.model.training:  # cached outputs hold the mapped layers only
-                self._check_attention_count(teacher_outputs, "teacher", self._teacher_heads)
-            losses = []
-            for s, t in self._attention_pairs:
-                # attentions[i] belongs to the i-th layer that has heads: layers pruned to no heads return no map.
-                student_index = _attention_position(student_heads, s)
-                if student_index is None:  # pruned away during training (GradualStructuredPruningCallback)
-                    if (s, t) not in self._warned_attention_pairs:
-                        self._warned_attention_pairs.add((s, t))
-                        logger.warning(
-                            f"Student layer {s} has no attention heads left: the attention loss leaves out the mapped "
-                            f"layers {s} -> {t} from now on."
-                        )
-                    continue
-                student_attention = outputs.attentions[student_index]
-                teacher_attention = teacher_outputs.attentions[_attention_position(self._teacher_heads, t)]
-                losses.append(
-                    attention_kl_loss(
-                        student_attention,
-                        teacher_attention.to(student_attention.device),
-                        attention_mask,
-                        examples,
-                        average_heads=self.args.attention_average_heads,
-                    )
-                )
-            # Every mapped student layer pruned to no heads: there is no attention left to distill.
-            parts["attention_loss"] = (
-                torch.stack(losses).mean() if losses else outputs.logits.new_zeros((), dtype=torch.float32)
-            )
-        return parts
-
-    def _add_eval_parts(
-        self,
-        parts: dict[str, torch.Tensor],
-        inputs: dict[str, Any],
-        items: torch.Tensor | int | None,
-        examples: torch.Tensor | None,
-        scale: int,
-    ) -> None:
-        """Accumulate each part's sum over this evaluation batch and the number of items it averages over.
-
-        Batches hold different numbers of examples (the last one) and of labelled tokens, so the evaluation set's
-        average is the sum of the parts' sums divided by the sum of the counts, not the mean of the batch averages.
-        """
-        local_items, local_rows = self._count_items(inputs)
-        for name, value in parts.items():
-            per_item = name in ("soft_loss", "hard_loss")
-            local = local_items if per_item else local_rows
-            # The count the part was divided by (this batch's own when none was passed); `scale` undoes the DDP factor.
-            divisor = items if per_item else examples
-            divisor = local if divisor is None else divisor
-            value = value.detach().float()
-            total = value * torch.as_tensor(divisor, device=value.device, dtype=torch.float32).clamp_min(1) / scale
-            count = torch.as_tensor(local, device=value.device, dtype=torch.float32)
-            previous = self._eval_part_totals.get(name)
-            self._eval_part_totals[name] = (
-                (total, count) if previous is None else (previous[0] + total, previous[1] + count)
-            )
 
     def evaluation_loop(
         self,
@@ -681,7 +517,7 @@ class DistillationTrainer(Trainer):
         Each part is averaged over the whole evaluation set (and over processes) like in training: the soft and hard
         losses over the labelled examples or tokens, the hidden-state and attention losses over the examples.
         """
-        self._eval_part_totals = {}
+        self._evaluation_loss_parts.reset()
         output = super().evaluation_loop(
             dataloader,
             description,
@@ -689,41 +525,15 @@ class DistillationTrainer(Trainer):
             ignore_keys=ignore_keys,
             metric_key_prefix=metric_key_prefix,
         )
-        if self._eval_part_totals:
-            names = sorted(self._eval_part_totals)
-            local = torch.stack([torch.stack(self._eval_part_totals[name]) for name in names])  # (num_parts, 2)
-            totals = self.accelerator.gather(local[None]).sum(0)  # (num_processes, num_parts, 2) -> sum
-            for name, (total, count) in zip(names, totals.tolist(), strict=True):
-                output.metrics[f"{metric_key_prefix}_{name}"] = total / max(count, 1.0)
-        self._eval_part_totals = {}
+        for name, value in self._evaluation_loss_parts.means(self.accelerator).items():
+            output.metrics[f"{metric_key_prefix}_{name}"] = value
+        self._evaluation_loss_parts.reset()
         return output
-
-    def _check_attention_count(self, output: ModelOutput, who: str, heads: tuple[int, ...] | None) -> None:
-        """Refuse to pair attention maps by position when the model returned fewer or more than its layers with heads
-        (e.g. a kernel that returns no probabilities): layers would silently be compared with the wrong ones."""
-        if heads is None:
-            return
-        expected = sum(1 for count in heads if count > 0)
-        if len(output.attentions) != expected:
-            raise ValueError(
-                f"The {who} returned {len(output.attentions)} attention maps, but has {expected} layers with attention "
-                f"heads (heads per layer: {list(heads)}); the attention loss needs one map per such layer, which "
-                "eager attention returns: `model.set_attn_implementation('eager')`."
-            )
-
-    def _check_returned(self, outputs: ModelOutput, teacher_outputs: ModelOutput | None, name: str) -> None:
-        fix = {
-            "hidden_states": "its forward must honour output_hidden_states=True",
-            "attentions": "attention probabilities need eager attention: `model.set_attn_implementation('eager')`",
-        }[name]
-        for who, output in (("student", outputs), ("teacher", teacher_outputs)):
-            if output is None or getattr(output, name, None) is None:
-                raise ValueError(f"The {who} returned no {name}, which the intermediate losses need; {fix}.")
 
     # ---- Training loop hooks ----
 
     def training_step(
-        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: _ItemCounts | None = None
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: ItemCounts | None = None
     ) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
         # DDP averages the student's gradients; the projections live outside it, so average theirs here, once per
@@ -733,23 +543,13 @@ class DistillationTrainer(Trainer):
             and self.accelerator.num_processes > 1
             and self.accelerator.sync_gradients
         ):
-            grads = [p.grad for p in self.hidden_projections.parameters() if p.grad is not None]
-            flat = self.accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
-            for grad, reduced in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
-                grad.copy_(reduced.view_as(grad))
+            average_gradients(self.hidden_projections, self.accelerator)
         return loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the loss parts (averaged over the logging interval and over processes, like `loss`) to training logs."""
-        if "loss" in logs and self._loss_part_sums:
-            names = sorted(self._loss_part_sums)
-            local = torch.stack([self._loss_part_sums[name].float() for name in names])  # (num_parts,)
-            mean_over_processes = self.accelerator.gather(local[None]).mean(0)  # (num_processes, num_parts) -> mean
-            steps = max(self.state.global_step - self._loss_parts_logged_step, 1)
-            for name, value in zip(names, mean_over_processes.tolist(), strict=True):
-                logs[name] = value / steps
-            self._loss_part_sums = {}
-            self._loss_parts_logged_step = self.state.global_step
+        if "loss" in logs:
+            logs.update(self._training_loss_parts.pop_means(self.accelerator, self.state.global_step))
         super().log(logs, start_time)
 
     def create_model_card(
@@ -805,20 +605,26 @@ class DistillationTrainer(Trainer):
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         # The projections are training state like the optimizer: saved beside it, never into the student's weights.
-        super()._save_optimizer_and_scheduler(output_dir)
+        if self.is_fsdp_enabled and self.hidden_projections is not None:
+            # FSDP2 saves the optimizer state by the student's parameter names: the projections' part goes apart.
+            with detached_from_optimizer(self.optimizer, self.hidden_projections) as projections_state:
+                super()._save_optimizer_and_scheduler(output_dir)
+            if self.args.should_save:
+                save_projections_optimizer_state(projections_state, output_dir)
+        else:
+            super()._save_optimizer_and_scheduler(output_dir)
         if self.hidden_projections is not None and self.args.should_save:
-            state = {k: v.detach().cpu().contiguous() for k, v in self.hidden_projections.state_dict().items()}
-            save_file(state, os.path.join(output_dir, PROJECTIONS_NAME))
+            save_projections(self.hidden_projections, output_dir)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None or self.hidden_projections is None:
-            return
-        path = os.path.join(checkpoint, PROJECTIONS_NAME)
-        if not os.path.isfile(path):
-            logger.warning(f"{path} not found: the hidden-state projections restart from their initialisation.")
-            return
-        self.hidden_projections.load_state_dict(load_file(path, device=str(self.args.device)))
+        if checkpoint is not None and self.is_fsdp_enabled and self.hidden_projections is not None:
+            with detached_from_optimizer(self.optimizer, self.hidden_projections):
+                super()._load_optimizer_and_scheduler(checkpoint)
+            load_projections_optimizer_state(self.optimizer, self.hidden_projections, checkpoint)
+        else:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self.hidden_projections is not None:
+            load_projections(self.hidden_projections, checkpoint, self.args.device)
 
 
 def _first(value: str | list[str] | None) -> str | None:
