@@ -24,7 +24,6 @@ import argparse
 import io
 import json
 import logging
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -36,10 +35,18 @@ from compression_recipes import Context, Variant, build, default_variants, encod
 from compression_render import markdown, plot, update_readme
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+from transformers.utils import logging as hf_logging
 
-from hf_compress import load_compressed, load_text_classification_dataset, quantize_dynamic_int8
+from hf_compress import (
+    device_name,
+    load_compressed,
+    load_text_classification_dataset,
+    predict_logits,
+    quantize_dynamic_int8,
+)
+from hf_compress.metrics import accuracy
 
-logger = logging.getLogger("compression_table")
+logger = hf_logging.get_logger("compression_table")
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -87,6 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    # Show the INFO lines of the benchmark and of hf-compress (their loggers come from transformers.utils.logging).
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.render_only:
         results = json.loads(Path(args.output).read_text())
@@ -191,7 +199,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             seconds = built[variant.base]["compression_seconds"] + time.perf_counter() - start
             base = built[variant.base]
             info = {
-                "accuracy": accuracy(model, validation, collator),
+                "accuracy": validation_accuracy(model, validation, collator),
                 "compression_seconds": seconds,
                 "parameters": base["parameters"],
                 "size_bytes": len(_state_dict_bytes(model)),
@@ -223,7 +231,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "num_eval": len(validation),
             "teacher_cache": context.teacher_cache_dir is not None,
             "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+            "device_name": device_name(device),
             "threads": torch.get_num_threads(),
             "warmup": args.warmup,
             "repeats": args.repeats,
@@ -253,7 +261,7 @@ def build_or_load(variant: Variant, context: Context, settings: dict, rebuild: b
     model.save_pretrained(folder)
     result = {
         "path": str(folder),
-        "accuracy": accuracy(model, validation, collator),
+        "accuracy": validation_accuracy(model, validation, collator),
         "compression_seconds": seconds,
         "teacher_cache_seconds": built.teacher_cache_seconds,
         "teacher_cache_built": built.teacher_cache_built,
@@ -265,16 +273,9 @@ def build_or_load(variant: Variant, context: Context, settings: dict, rebuild: b
     return result
 
 
-@torch.inference_mode()
-def accuracy(model: torch.nn.Module, dataset, collator) -> float:
-    model.eval()
-    device = next(model.parameters()).device
-    correct = 0
-    for batch in DataLoader(dataset, batch_size=64, collate_fn=collator):
-        labels = batch.pop("labels")
-        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
-        correct += (logits.argmax(-1).cpu() == labels).sum().item()
-    return correct / len(dataset)
+def validation_accuracy(model: torch.nn.Module, dataset, collator) -> float:
+    logits, labels = predict_logits(model, DataLoader(dataset, batch_size=64, collate_fn=collator))
+    return accuracy(logits.argmax(-1), labels)["accuracy"]
 
 
 def latency_inputs(tokenizer, validation, columns: list[str], seq_len: int) -> dict[str, list[dict]]:
@@ -334,16 +335,6 @@ def _state_dict_bytes(model: torch.nn.Module) -> bytes:
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     return buffer.getvalue()
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 if __name__ == "__main__":

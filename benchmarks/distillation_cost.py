@@ -28,7 +28,6 @@ import itertools
 import json
 import logging
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -45,15 +44,17 @@ from transformers import (
     TrainingArguments,
     default_data_collator,
 )
+from transformers.utils import logging as hf_logging
 
 from hf_compress import (
     DistillationTrainer,
     DistillationTrainingArguments,
     create_student,
+    device_name,
     load_text_classification_dataset,
 )
 
-logger = logging.getLogger("distillation_cost")
+logger = hf_logging.get_logger("distillation_cost")
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("stock", "live", "cached")
 
@@ -97,8 +98,9 @@ class _StepTimer(TrainerCallback):
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    # Show the benchmark's INFO lines (its logger comes from transformers.utils.logging), not transformers' own.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    transformers.logging.set_verbosity_warning()
+    hf_logging.set_verbosity_warning()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -216,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "environment": {
             "threads": args.threads,
-            "cpu": _cpu_name(),
+            "cpu": device_name("cpu"),
             "cpu_count": os.cpu_count(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
@@ -255,15 +257,6 @@ def _timed(method, durations: list[float]):
         return result
 
     return timed
-
-
-def _cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "cpu"
 
 
 if __name__ == "__main__":

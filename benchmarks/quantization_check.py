@@ -18,7 +18,6 @@ of the per-repetition ratios fp32 / int8 (robust to load that drifts during the 
 from __future__ import annotations
 
 import argparse
-import csv
 import gzip
 import json
 import os
@@ -28,10 +27,17 @@ import tempfile
 import time
 
 import torch
-from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from hf_compress import magnitude_prune, make_permanent, quantize_dynamic_int8, sparsity_report
+from hf_compress import (
+    magnitude_prune,
+    make_permanent,
+    predict_logits,
+    quantize_dynamic_int8,
+    read_data_file,
+    sparsity_report,
+)
+from hf_compress.metrics import accuracy
 
 
 def parse_args() -> argparse.Namespace:
@@ -48,21 +54,8 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def read_tsv(path: str) -> tuple[list[str], list[int]]:
-    with open(path, newline="", encoding="utf-8") as file:
-        rows = list(csv.DictReader(file, delimiter="\t", quoting=csv.QUOTE_NONE))
-    return [row["sentence"] for row in rows], [int(row["label"]) for row in rows]
-
-
-@torch.no_grad()
-def predict(model, tokenizer, sentences: list[str], seq_len: int, desc: str) -> list[int]:
-    predictions = []
-    for start in tqdm(range(0, len(sentences), 64), desc=desc):
-        batch = tokenizer(
-            sentences[start : start + 64], truncation=True, max_length=seq_len, padding=True, return_tensors="pt"
-        )
-        predictions += model(**batch).logits.argmax(-1).tolist()
-    return predictions
+def predict(model, batches: list[dict], desc: str) -> list[int]:
+    return predict_logits(model, batches, desc=desc)[0].argmax(-1).tolist()
 
 
 @torch.no_grad()
@@ -110,12 +103,14 @@ def main() -> None:
     int8 = quantize_dynamic_int8(fp32)
 
     #### Accuracy on the whole file
-    sentences, labels = read_tsv(args.data)
-    fp32_predictions = predict(fp32, tokenizer, sentences, args.seq_len, "fp32")
-    int8_predictions = predict(int8, tokenizer, sentences, args.seq_len, "int8")
-
-    def accuracy(predictions):
-        return sum(p == y for p, y in zip(predictions, labels, strict=True)) / len(labels)
+    data = read_data_file(args.data)
+    sentences, labels = data["sentence"], data["label"]
+    batches = [
+        tokenizer(sentences[i : i + 64], truncation=True, max_length=args.seq_len, padding=True, return_tensors="pt")
+        for i in range(0, len(sentences), 64)
+    ]
+    fp32_predictions = predict(fp32, batches, "fp32")
+    int8_predictions = predict(int8, batches, "int8")
 
     #### Latency: real sentences padded to seq_len
     batch = tokenizer(
@@ -137,8 +132,8 @@ def main() -> None:
         "encoder_linear_sparsity": sparsity.total.sparsity,
         "model_sparsity": sparsity.model.sparsity,
         "examples": len(labels),
-        "accuracy_fp32": accuracy(fp32_predictions),
-        "accuracy_int8": accuracy(int8_predictions),
+        "accuracy_fp32": accuracy(fp32_predictions, labels)["accuracy"],
+        "accuracy_int8": accuracy(int8_predictions, labels)["accuracy"],
         "prediction_agreement": sum(a == b for a, b in zip(fp32_predictions, int8_predictions, strict=True))
         / len(labels),
         "latency_batch": [args.batch_size, args.seq_len],

@@ -28,11 +28,10 @@ import time
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
-from hf_compress import PruningConfig, prune
-from hf_compress.data import load_text_classification_dataset
+from hf_compress import PruningConfig, load_text_classification_dataset, predict_logits, prune
+from hf_compress.metrics import accuracy
 
 
 def parse_args() -> argparse.Namespace:
@@ -67,19 +66,9 @@ def batches(dataset, tokenizer, text_column: str, label_column: str, batch_size:
     return DataLoader(encoded, batch_size=batch_size, collate_fn=DataCollatorWithPadding(tokenizer))
 
 
-@torch.no_grad()
-def predict(model, dataloader: DataLoader, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of the whole split."""
-    model.eval()
-    logits, labels = [], []
-    for batch in tqdm(dataloader, desc=desc):
-        labels.append(batch.pop("labels"))
-        logits.append(model(**batch).logits)
-    return torch.cat(logits), torch.cat(labels)
-
-
 def main() -> None:
     args = parse_args()
+    # Show hf-compress's INFO lines (its loggers come from transformers.utils.logging).
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -92,7 +81,7 @@ def main() -> None:
     calibration = batches(calibration, tokenizer, text_column, data.label_column, args.batch_size, args.max_length)
     evaluation = batches(validation, tokenizer, text_column, data.label_column, 64, args.max_length)
 
-    teacher_logits, labels = predict(model, evaluation, "unpruned")
+    teacher_logits, labels = predict_logits(model, evaluation, desc="unpruned")
     config = PruningConfig(
         target=args.target,
         keep=args.keep,
@@ -105,9 +94,9 @@ def main() -> None:
     start = time.perf_counter()
     report = prune(model, config, dataloader=calibration)
     seconds = time.perf_counter() - start
-    pruned_logits, _ = predict(model, evaluation, "pruned")
-    teacher_accuracy = (teacher_logits.argmax(-1) == labels).float().mean().item()
-    pruned_accuracy = (pruned_logits.argmax(-1) == labels).float().mean().item()
+    pruned_logits, _ = predict_logits(model, evaluation, desc="pruned")
+    teacher_accuracy = accuracy(teacher_logits.argmax(-1), labels)["accuracy"]
+    pruned_accuracy = accuracy(pruned_logits.argmax(-1), labels)["accuracy"]
     # Fidelity to the unpruned model, less noisy than accuracy on 872 sentences.
     agreement = (pruned_logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean().item()
     kl = torch.nn.functional.kl_div(

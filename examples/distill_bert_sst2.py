@@ -37,26 +37,30 @@ from transformers import (
     DataCollatorWithPadding,
     HfArgumentParser,
 )
+from transformers.utils import logging as hf_logging
 
 from hf_compress import (
     DistillationTrainer,
     DistillationTrainingArguments,
     PruningConfig,
     build_comparison,
+    build_compute_metrics,
+    compute_classification_metrics,
     create_model_card,
     create_student,
     describe_model,
     format_bytes,
     load_text_classification_dataset,
     measure_latency,
+    model_inputs,
+    predict_logits,
     prune,
     push_compressed_to_hub,
     require_hub_or_local,
     select_layers,
 )
-from hf_compress.metrics import build_compute_metrics, compute_classification_metrics
 
-logger = logging.getLogger(__name__)
+logger = hf_logging.get_logger(__name__)
 
 
 @dataclass
@@ -122,24 +126,7 @@ class ScriptArguments:
     )
 
 
-#### Evaluation helpers
-
-
-def model_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The entries of `batch` that `model.forward` accepts (a DistilBERT student takes no token_type_ids)."""
-    accepted = inspect.signature(model.forward).parameters
-    return {key: value.to(model.device) for key, value in batch.items() if key in accepted and key != "labels"}
-
-
-@torch.inference_mode()
-def predict(model: torch.nn.Module, dataset, collator, batch_size: int) -> tuple[list[int], list[int]]:
-    model.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collator)
-    predictions, labels = [], []
-    for batch in loader:
-        predictions += model(**model_inputs(model, batch)).logits.argmax(-1).tolist()
-        labels += batch["labels"].tolist()
-    return predictions, labels
+#### Printing
 
 
 def print_comparison(comparison: dict) -> None:
@@ -178,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
         save_strategy="no",
     )
     script_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    # Show the INFO lines of this script and of hf-compress (their loggers come from transformers.utils.logging).
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     # Before any download: without the Hub, say at once how to run the same command from local folders.
     require_hub_or_local(
@@ -279,16 +267,20 @@ def main(argv: list[str] | None = None) -> dict:
             max_length=script_args.max_length,
             return_tensors="pt",
         )
+        eval_loader = torch.utils.data.DataLoader(
+            eval_dataset, batch_size=training_args.per_device_eval_batch_size, collate_fn=collator
+        )
         sides = {}
         for side, model in (("teacher", teacher), ("student", student)):
             model.to(training_args.device)
-            predictions, labels = predict(model, eval_dataset, collator, training_args.per_device_eval_batch_size)
+            logits, labels = predict_logits(model, eval_loader)
+            predictions = logits.argmax(-1).numpy()
             timing = measure_latency(model, model_inputs(model, latency_batch), repeats=script_args.latency_repeats)
             sides[side] = {
                 **describe_model(model),
                 "name_or_path": script_args.teacher if side == "teacher" else training_args.output_dir,
                 "metrics": compute_classification_metrics(
-                    predictions, labels, script_args.metrics, teacher.config.num_labels
+                    predictions, labels.numpy(), script_args.metrics, teacher.config.num_labels
                 ),
                 "latency_ms": timing["median_ms"],
             }

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, HfArgumentParser
+from transformers.utils import logging as hf_logging
 
 from hf_compress import (
     DistillationTrainer,
@@ -41,24 +42,18 @@ from hf_compress import (
     GradualStructuredPruningCallback,
     PruningConfig,
     compression_report,
+    compute_classification_metrics,
     create_student,
-    describe_model,
     load_text_classification_dataset,
     measure_latency,
+    model_inputs,
+    predict_logits,
     prune,
     require_hub_or_local,
     select_layers,
 )
 
-sys.path.insert(0, str(Path(__file__).parent))
-from distill_bert_sst2 import model_inputs, predict  # noqa: E402  (the sibling example's evaluation helpers)
-
-logger = logging.getLogger(__name__)
-
-
-def encoder_flops(model: torch.nn.Module, seq_len: int) -> int:
-    """Encoder FLOPs per token at `seq_len` tokens, as `PruningConfig(target="flops")` counts them."""
-    return compression_report(model, seq_len=seq_len).model.flops_per_token
+logger = hf_logging.get_logger(__name__)
 
 
 @dataclass
@@ -118,6 +113,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"--final_keep {script_args.final_keep} keeps more than the pruned teacher (--teacher_keep "
             f"{script_args.teacher_keep}); the student can only shrink: lower --final_keep or raise --teacher_keep."
         )
+    # Show the INFO lines of this script and of hf-compress (their loggers come from transformers.utils.logging).
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     require_hub_or_local(
         models={"--teacher": script_args.teacher},
@@ -149,19 +145,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
     train_dataset = train_dataset.map(tokenize, batched=True, remove_columns=list(data.text_columns))
     eval_dataset = eval_dataset.map(tokenize, batched=True, remove_columns=list(data.text_columns))
     collator = DataCollatorWithPadding(tokenizer)
-    reference_flops = encoder_flops(teacher, script_args.max_length)
+    eval_loader = torch.utils.data.DataLoader(
+        eval_dataset, batch_size=training_args.per_device_eval_batch_size, collate_fn=collator
+    )
+
+    def summary(model: torch.nn.Module):
+        # Encoder FLOPs per token at max_length, as `PruningConfig(target="flops")` counts them, and parameters.
+        return compression_report(model, seq_len=script_args.max_length).model
+
+    reference_flops = summary(teacher).flops_per_token
     stages: list[dict] = []
 
     def record(stage: str, model: torch.nn.Module, seconds: float) -> None:
-        predictions, labels = predict(model, eval_dataset, collator, training_args.per_device_eval_batch_size)
-        accuracy = sum(p == y for p, y in zip(predictions, labels, strict=True)) / len(labels)
+        logits, labels = predict_logits(model, eval_loader)
+        accuracy = compute_classification_metrics(logits.argmax(-1).numpy(), labels.numpy(), ("accuracy",))["accuracy"]
         timing = measure_latency(model, model_inputs(model, latency_batch), repeats=script_args.latency_repeats)
+        size = summary(model)
         stages.append(
             {
                 "stage": stage,
                 "accuracy": accuracy,
-                "flops_kept": encoder_flops(model, script_args.max_length) / reference_flops,
-                "parameters": describe_model(model)["parameters"],
+                "flops_kept": size.flops_per_token / reference_flops,
+                "parameters": size.parameters,
                 "latency_ms": timing["median_ms"],
                 "seconds": seconds,
             }
@@ -188,7 +193,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     student = create_student(pruned_teacher, layers_to_keep=kept)
 
     #### Stage 3: distil from the pruned teacher while pruning to the final budget
-    student_flops = encoder_flops(student, script_args.max_length)
+    student_flops = summary(student).flops_per_token
     keep_of_student = script_args.final_keep * reference_flops / student_flops
     if keep_of_student >= 1:
         raise ValueError(

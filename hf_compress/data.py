@@ -7,6 +7,9 @@
   `sentence<TAB>label`, no quoting, since sentences contain quote characters), or `train.csv` / `validation.csv`, or
   `train.json` / `train.jsonl` / ... (GLUE's `dev.tsv` is accepted as the validation split).
 
+`read_data_file` is the one reader of a local data file (the loader above and the `hf-compress` command line use it),
+`load_local_splits` of a folder of them, `detect_text_columns` and `labels_to_ids` the defaults both apply.
+
 `require_hub_or_local` runs before any download: when the Hub cannot be reached (`HF_HUB_OFFLINE=1`, or no network)
 and an argument names a Hub id that is not in the local cache, it fails at once with the same command rewritten to use
 local paths, instead of retrying for half a minute per file.
@@ -15,7 +18,7 @@ local paths, instead of retrying for half a minute per file.
 from __future__ import annotations
 
 import csv
-import logging
+import os
 import shlex
 import sys
 from collections.abc import Mapping, Sequence
@@ -26,11 +29,12 @@ from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
 from datasets import config as datasets_config
 from huggingface_hub import constants, try_to_load_from_cache
 from huggingface_hub import utils as hub_utils
+from transformers.utils import logging
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 # Column names tried, in order, when the caller does not name the text column(s).
-_TEXT_COLUMNS = (
+TEXT_COLUMN_CANDIDATES = (
     ("sentence",),
     ("text",),
     ("sentence1", "sentence2"),
@@ -94,14 +98,14 @@ def load_text_classification_dataset(
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        dataset = _load_local_folder(path, splits)
+        dataset = load_local_splits(path, splits)
         source = {"path": str(path)}
     elif path.exists():
         raise ValueError(
             f"{name_or_path} is a file; pass the folder that holds it, with one file per split named "
             f"{'/'.join(splits)}.tsv (or .csv, .json, .jsonl)."
         )
-    elif _looks_like_local_path(name_or_path):
+    elif looks_like_local_path(name_or_path):
         raise ValueError(f"No such folder: {name_or_path}. Pass an existing folder, or a Hub dataset id like 'glue'.")
     else:
         loaded = load_dataset(name_or_path, config_name)
@@ -113,26 +117,48 @@ def load_text_classification_dataset(
         source = {"name": name_or_path, "config": config_name}
 
     columns = next(iter(dataset.values())).column_names
-    text_columns = tuple(text_columns) if text_columns else _detect_text_columns(columns)
+    text_columns = tuple(text_columns) if text_columns else detect_text_columns(columns)
+    if text_columns is None:
+        raise ValueError(
+            f"Cannot tell which column holds the text: the dataset's columns are {columns}. Name it explicitly "
+            "(e.g. --text_columns review), or two columns for sentence pairs."
+        )
     for column in (*text_columns, label_column):
         if column not in columns:
             raise ValueError(
                 f"The dataset has no column {column!r}; its columns are {columns}. Name the text column(s) and the "
                 "label column explicitly (e.g. --text_columns review --label_column sentiment)."
             )
-    dataset, label_names = _labels_to_ids(dataset, label_column, label2id)
+    dataset, label_names = labels_to_ids(dataset, label_column, label2id)
     sizes = ", ".join(f"{split}: {len(ds)}" for split, ds in dataset.items())
     logger.info("Loaded %s (%s); text %s, labels %r.", name_or_path, sizes, text_columns, label_column)
     return TextClassificationData(dataset, text_columns, label_column, label_names, source)
 
 
-def _looks_like_local_path(name: str) -> bool:
-    # A Hub id is "name" or "namespace/name"; anything with more slashes, a leading dot/slash/tilde, or a file
-    # extension was meant as a path.
+def looks_like_local_path(name: str) -> bool:
+    """Whether `name` was meant as a local path rather than a Hub id, whether or not it exists.
+
+    A Hub id is "name" or "namespace/name"; anything with more slashes, a leading dot/slash/tilde, a backslash or a
+    data file's extension is a path (so a typo in one fails as a missing path instead of a Hub lookup).
+    """
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).suffix in _EXTENSIONS or "\\" in name
 
 
-def _load_local_folder(folder: Path, splits: Sequence[str]) -> DatasetDict:
+def load_local_splits(folder: str | os.PathLike, splits: Sequence[str]) -> DatasetDict:
+    """The `splits` found in a local folder, one file per split, each read with `read_data_file`.
+
+    Args:
+        folder: A folder with files named after the splits: `train.tsv`, `validation.csv` (or GLUE's `dev.tsv`),
+            `test.jsonl`, ...
+        splits: The splits to look for; those without a file are left out.
+
+    Returns:
+        A `DatasetDict` of the splits found.
+
+    Raises:
+        ValueError: when no split has a file, or one has several.
+    """
+    folder = Path(folder)
     found = {}
     for split in splits:
         candidates = [
@@ -153,14 +179,36 @@ def _load_local_folder(folder: Path, splits: Sequence[str]) -> DatasetDict:
             f".tsv (GLUE style, a header row like 'sentence<TAB>label'), .csv, .json or .jsonl; found "
             f"{sorted(p.name for p in folder.iterdir())}."
         )
-    dataset = DatasetDict()
-    for split, file in found.items():
-        kind = _EXTENSIONS[file.suffix]
-        if kind == "tsv":
-            dataset[split] = _read_tsv(file)
-        else:
-            dataset[split] = load_dataset(kind, data_files=str(file), split="train")
-    return dataset
+    return DatasetDict({split: read_data_file(file) for split, file in found.items()})
+
+
+def read_data_file(path: str | os.PathLike) -> Dataset:
+    """One local data file as a `Dataset`: a GLUE-style `.tsv`, a `.csv`, or `.json` / `.jsonl` records.
+
+    TSV files are read as GLUE writes them: a header row, tab-separated fields and no quoting (sentences contain quote
+    characters); blank lines are skipped and columns of integers become ints. The other formats are read by `datasets`.
+
+    Args:
+        path: The file.
+
+    Returns:
+        Its rows, with the file's columns.
+
+    Raises:
+        ValueError: for another extension, an empty TSV, or a TSV row whose number of fields differs from the header's.
+
+    Example:
+        ```python
+        read_data_file("glue/sst2/dev.tsv")[0]  # {'sentence': "it 's a charming ...", 'label': 1}
+        ```
+    """
+    path = Path(path)
+    kind = _EXTENSIONS.get(path.suffix)
+    if kind is None:
+        raise ValueError(f"{path}: unknown file type {path.suffix!r}; use .tsv, .csv, .json or .jsonl.")
+    if kind == "tsv":
+        return _read_tsv(path)
+    return load_dataset(kind, data_files=str(path), split="train")
 
 
 def _read_tsv(file: Path) -> Dataset:
@@ -171,8 +219,10 @@ def _read_tsv(file: Path) -> Dataset:
         header = next(reader, None)
         if header is None:
             raise ValueError(f"{file} is empty; a GLUE-style TSV starts with a header row like 'sentence<TAB>label'.")
-        rows = list(reader)
-    for line, row in enumerate(rows, start=2):
+        # Blank lines are skipped (as `csv.DictReader` does); without quoting, a row is a line, so line_num is its line.
+        numbered = [(reader.line_num, row) for row in reader if row]
+    rows = [row for _, row in numbered]
+    for line, row in numbered:
         if len(row) != len(header):
             raise ValueError(
                 f"{file}, line {line}: {len(row)} tab-separated fields but the header {header} has {len(header)}."
@@ -185,19 +235,31 @@ def _read_tsv(file: Path) -> Dataset:
     return Dataset.from_dict(columns)
 
 
-def _detect_text_columns(columns: list[str]) -> tuple[str, ...]:
-    for candidate in _TEXT_COLUMNS:
-        if all(column in columns for column in candidate):
-            return candidate
-    raise ValueError(
-        f"Cannot tell which column holds the text: the dataset's columns are {columns}. Name it explicitly "
-        "(e.g. --text_columns review), or two columns for sentence pairs."
-    )
+def detect_text_columns(columns: Sequence[str]) -> tuple[str, ...] | None:
+    """The first of `TEXT_COLUMN_CANDIDATES` that `columns` has (`("sentence",)`, `("premise", "hypothesis")`, ...).
+
+    Returns:
+        One column name, or two for sentence pairs; None when no candidate fits (the caller names the flag to fix it).
+    """
+    return next((names for names in TEXT_COLUMN_CANDIDATES if all(c in columns for c in names)), None)
 
 
-def _labels_to_ids(
-    dataset: DatasetDict, label_column: str, label2id: Mapping[str, int] | None
+def labels_to_ids(
+    dataset: DatasetDict, label_column: str, label2id: Mapping[str, int] | None = None
 ) -> tuple[DatasetDict, list[str] | None]:
+    """Store a label column as class ids: string labels become a `ClassLabel` column; ids and `ClassLabel`s stay.
+
+    Args:
+        dataset: The splits, all with `label_column`.
+        label_column: The column of labels.
+        label2id: How string labels map to ids (e.g. the model's `config.label2id`); by default sorted order.
+
+    Returns:
+        The dataset and the class names by id (None for a column of plain integers).
+
+    Raises:
+        ValueError: for a string label missing from `label2id`, or a `label2id` whose ids are not 0 to n - 1.
+    """
     feature = next(iter(dataset.values())).features[label_column]
     if isinstance(feature, ClassLabel):
         return dataset, list(feature.names)

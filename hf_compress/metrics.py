@@ -1,13 +1,17 @@
-"""Classification metrics that work offline: `evaluate` when the metric is on this machine, a packaged copy otherwise.
+"""Evaluating classifiers offline: a model's logits on a dataset, and metrics from `evaluate` or packaged copies.
+
+`predict_logits` runs a model over batches (keeping only the inputs its `forward` takes); `accuracy`, `f1`,
+`compute_classification_metrics` and `build_compute_metrics` (for `Trainer`) score the predictions.
 
 `evaluate.load("accuracy")` fetches the metric's script from the Hub the first time, which fails (slowly) without a
 network. hf-compress uses `evaluate` only for a metric that is already local (a path to a metric script, or one in
 `evaluate`'s module cache) and otherwise its own implementation of the same formula, so evaluation never depends on a
-silent download.
+silent download. `evaluate` is an optional dependency (`pip install "hf-compress[evaluate]"`): without it the packaged
+metrics are used, and only a local metric script needs it.
 
 Example:
     ```python
-    from hf_compress.metrics import build_compute_metrics
+    from hf_compress import build_compute_metrics
 
     trainer = Trainer(..., compute_metrics=build_compute_metrics(("accuracy", "f1")))
     ```
@@ -15,14 +19,18 @@ Example:
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Sequence
+import importlib.util
+import inspect
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 from transformers import EvalPrediction
+from transformers.utils import logging
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 MetricFn = Callable[..., dict[str, float]]
 
@@ -97,9 +105,10 @@ def load_metric(name_or_path: str) -> MetricFn:
 
     Raises:
         ValueError: for a metric that is neither local nor packaged.
+        ImportError: for a local metric script when `evaluate` is not installed.
     """
     if Path(name_or_path).exists() or _in_evaluate_cache(name_or_path):
-        import evaluate
+        evaluate = _import_evaluate(name_or_path)
         from datasets import DownloadConfig
 
         # local_files_only: a cached module is used as is, never refreshed from the Hub.
@@ -115,8 +124,20 @@ def load_metric(name_or_path: str) -> MetricFn:
     )
 
 
+def _import_evaluate(metric: str):
+    try:
+        import evaluate
+    except ImportError:
+        raise ImportError(
+            f"The metric {metric!r} is an `evaluate` metric script, and `evaluate` is not installed. Install it with "
+            '`pip install "hf-compress[evaluate]"`, or use a packaged metric (' + ", ".join(_PACKAGED) + ")."
+        ) from None
+    return evaluate
+
+
 def _in_evaluate_cache(name: str) -> bool:
-    if "/" in name or not name:
+    # Without `evaluate` installed nothing is in its cache: the packaged implementation is used.
+    if "/" in name or not name or importlib.util.find_spec("evaluate") is None:
         return False
     from evaluate import config
 
@@ -186,3 +207,55 @@ def build_compute_metrics(
         return _compute(resolved, np.asarray(logits).argmax(-1), prediction.label_ids, num_labels)
 
     return compute_metrics
+
+
+#### Predictions
+
+
+def model_inputs(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The entries of `batch` that `model.forward` names, on the model's device, without `labels`.
+
+    A tokenizer's or collator's batch may hold more than a model takes: a DistilBERT student has no
+    `token_type_ids`, and `labels` would make the model compute a loss nobody reads.
+    """
+    accepted = inspect.signature(model.forward).parameters
+    device = next(model.parameters()).device
+    return {key: value.to(device) for key, value in batch.items() if key in accepted and key != "labels"}
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], desc: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The logits of `model` on every batch, and the batches' labels, in order.
+
+    The model runs in eval mode under `torch.inference_mode()` and is returned to its previous mode; each batch
+    goes through `model_inputs` (the inputs its `forward` takes, moved to its device).
+
+    Args:
+        model: A classifier whose output has `.logits` of shape (batch, num_labels).
+        batches: E.g. a `DataLoader` with a `DataCollatorWithPadding`, or a list of tokenizer outputs.
+        desc: Show a progress bar with this description.
+
+    Returns:
+        `(logits, labels)` on CPU: logits of shape (examples, num_labels), labels of shape (examples,), or None when
+        the batches have no `labels`.
+
+    Example:
+        ```python
+        loader = DataLoader(eval_dataset, batch_size=64, collate_fn=DataCollatorWithPadding(tokenizer))
+        logits, labels = predict_logits(model, loader)
+        accuracy(logits.argmax(-1), labels)  # {'accuracy': 0.91}
+        ```
+    """
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    try:
+        for batch in tqdm(batches, desc=desc, disable=desc is None):
+            logits.append(model(**model_inputs(model, batch)).logits.float().cpu())
+            if "labels" in batch:
+                labels.append(batch["labels"].cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(logits), torch.cat(labels) if labels else None

@@ -1,9 +1,15 @@
-"""`compression_report`: what pruning saved, in parameters, bytes on disk and FLOPs per token, layer by layer."""
+"""`compression_report`: what pruning saved, in parameters, bytes on disk and FLOPs per token, layer by layer.
+
+`summarize` is the one measure of a model in hf-compress: `compression_report`, `PruningReport` and `describe_model`
+(model cards and `comparison.json`) all take their numbers from it (or, for an architecture without a registered spec,
+from the same `count_parameters` and `weight_bytes`), and `format_bytes` is the one way any of them shows a size.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch import nn
 from transformers import PreTrainedModel
 
 from .architectures import get_layers, get_spec
@@ -16,9 +22,9 @@ class ModelSummary:
 
     Args:
         parameters: Number of parameters (tied weights counted once).
-        size_bytes: Bytes of tensor data `save_pretrained` writes to safetensors (tied weights once; the file adds a
-            JSON header of a few KB).
-        structure: Heads and FFN neurons of each layer (`hf_compress.pruning.structured.ModelStructure`).
+        size_bytes: Bytes of tensor data `save_pretrained` writes to safetensors (`weight_bytes`: tied weights once;
+            the file adds a JSON header of a few kB).
+        structure: Heads and FFN neurons of each layer (`hf_compress.structure.ModelStructure`).
         flops_per_token: Encoder FLOPs per token at the report's sequence length: the q/k/v/output and FFN
             projections (2 FLOPs per multiply-add) plus attention scores and their weighted sum (`4 * seq_len` FLOPs
             per head dimension). Embeddings, layer norms, softmax and the task head are left out: pruning does not
@@ -140,7 +146,18 @@ def compression_report(
 
 
 def summarize(model: PreTrainedModel, seq_len: int = 128) -> ModelSummary:
-    """The `ModelSummary` of one model (see `compression_report`)."""
+    """The `ModelSummary` of one model: the one measure of a model's size and cost in hf-compress.
+
+    `compression_report`, `PruningReport` and `describe_model` (model cards, `comparison.json`) all read it, so a
+    number never differs between them.
+
+    Args:
+        model: A model of a registered architecture.
+        seq_len: Sequence length at which to count FLOPs per token.
+
+    Returns:
+        Its parameters (`count_parameters`), bytes of weights (`weight_bytes`), structure and FLOPs per token.
+    """
     spec = get_spec(model)
     structure = get_structure(model)
     flops = 0
@@ -153,15 +170,25 @@ def summarize(model: PreTrainedModel, seq_len: int = 128) -> ModelSummary:
             flops += 2 * linear.in_features * linear.out_features
         flops += 4 * seq_len * heads * structure.head_dim  # scores q.k and weighted sum of v, per token
     return ModelSummary(
-        parameters=sum(p.numel() for p in model.parameters()),
-        size_bytes=_safetensors_bytes(model),
+        parameters=count_parameters(model),
+        size_bytes=weight_bytes(model),
         structure=structure,
         flops_per_token=flops,
     )
 
 
-def _safetensors_bytes(model: PreTrainedModel) -> int:
-    # Tied weights are one tensor under two names in the state dict, and safetensors stores them once.
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters of `model`, tied weights (one tensor under two names) counted once."""
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of tensor data that `save_pretrained` writes to safetensors: the size of the weights on disk.
+
+    Computed from the state dict, without writing anything; tied weights count once, as safetensors stores them once.
+    The JSON header of the file and the checkpoint's `config.json` (a few kB that compression does not shrink) are
+    left out.
+    """
     seen, total = set(), 0
     for tensor in model.state_dict().values():
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))

@@ -159,8 +159,18 @@ def _set_class(model: PreTrainedModel, model_class: type) -> None:
     # The class is all that differs between a stock model and its pruned twin (the twin only resizes modules in
     # `post_init`, which this model's modules already have), so the instance changes class in place.
     model.__class__ = model_class
-    # transformers looks up which outputs a model can record by class name, registered in `PreTrainedModel.__init__`
-    # (which a class change skips); without this, a pruned base model would ignore `output_hidden_states`.
+    register_recordable_outputs(model)
+
+
+def register_recordable_outputs(model: PreTrainedModel) -> None:
+    """Tell transformers which outputs (hidden states, attentions) `model` can record, after its class changed.
+
+    transformers registers this in `PreTrainedModel.__init__`, which a class change skips. The one use of two private
+    transformers internals: `transformers.utils.output_capturing._CAN_RECORD_REGISTRY` and the model's
+    `_can_record_outputs`. If transformers moves or renames them, a model whose class `record_structure` changed
+    silently ignores `output_hidden_states` / `output_attentions` (distillation losses on hidden states get nothing);
+    tests/test_transformers_internals.py fails first.
+    """
     try:
         from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
     except ImportError:  # transformers versions without the registry record by class, not by name

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from conftest import tiny_model
 
-from hf_compress import apply_plan, get_structure, load_compressed, load_plan
-from hf_compress.cli import main
+from hf_compress import PruningConfig, apply_plan, get_structure, load_compressed, load_plan
+from hf_compress.cli import build_parser, main
 
 SENTENCES = [
     'the movie was "great" fun',
@@ -112,3 +115,27 @@ def test_errors(tmp_path, checkpoint, glue_folder, capsys):
         main(
             ["prune", "--model", str(checkpoint), "--dataset", str(glue_folder), "--layers", "x", "--output-dir", out]
         )
+
+
+def test_every_pruning_config_field_is_a_flag_of_its_type():
+    args = build_parser().parse_args(["prune", "--model", "m", "--dataset", "d", "--output-dir", "o"])
+    for field in dataclasses.fields(PruningConfig):
+        assert getattr(args, field.name) == field.default, field.name
+    args = build_parser().parse_args(
+        ["prune", "--model", "m", "--dataset", "d", "--output-dir", "o", "--keep", "0.3", "--round-to", "4"]
+        + ["--layers", "1,3", "--uniform", "--no-rescale"]
+    )
+    assert (args.keep, args.round_to, args.layers, args.uniform, args.rescale) == (0.3, 4, [1, 3], True, False)
+    assert (
+        build_parser()
+        .parse_args(["prune", "--model", "m", "--dataset", "d", "--output-dir", "o", "--layers", "2"])
+        .layers
+        == 2
+    )
+
+
+def test_python_dash_m_runs_the_command_line():
+    result = subprocess.run(
+        [sys.executable, "-m", "hf_compress.cli", "--help"], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0 and "apply-plan" in result.stdout

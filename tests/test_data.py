@@ -3,7 +3,7 @@ import json
 import pytest
 
 from hf_compress import HubUnreachableError, load_text_classification_dataset, require_hub_or_local
-from hf_compress.data import _rewrite_command
+from hf_compress.data import _rewrite_command, detect_text_columns, load_local_splits, read_data_file
 
 TRAIN = [('a "quoted start and no end', 1), ('"fully quoted"', 0), ("it 's fine , really", 1)]
 VALIDATION = [("dull", 0), ("great fun", 1)]
@@ -99,3 +99,24 @@ def test_unreachable_hub_is_detected_without_offline_mode(monkeypatch):
 def test_rewrite_command_replaces_both_flag_forms():
     argv = ["run.py", "--a", "1", "--teacher", "x/y", "--b=2"]
     assert _rewrite_command(argv, {"--teacher": "T", "--b": "B"}) == "python run.py --a 1 --teacher T --b B"
+
+
+def test_read_data_file_is_the_one_reader_of_a_file(tmp_path):
+    path = tmp_path / "calibration.tsv"
+    path.write_text('sentence\tlabel\n"quoted start\t1\n\nplain\t0\n')  # a blank line is skipped
+    data = read_data_file(path)
+    assert data["sentence"] == ['"quoted start', "plain"] and data["label"] == [1, 0]
+    (tmp_path / "rows.jsonl").write_text('{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n')
+    assert read_data_file(tmp_path / "rows.jsonl")["text"] == ["a", "b"]
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"unknown file type '.txt'; use .tsv, .csv, .json or .jsonl"):
+        read_data_file(tmp_path / "notes.txt")
+    # A folder's splits are read by the same function.
+    path.rename(tmp_path / "train.tsv")
+    assert load_local_splits(tmp_path, ("train", "validation"))["train"]["sentence"] == data["sentence"]
+
+
+def test_detect_text_columns():
+    assert detect_text_columns(["label", "sentence"]) == ("sentence",)
+    assert detect_text_columns(["premise", "hypothesis", "label"]) == ("premise", "hypothesis")
+    assert detect_text_columns(["review", "label"]) is None

@@ -1,4 +1,7 @@
-"""Offline metrics (metrics.py) and latency measurement (latency.py)."""
+"""Offline metrics and predictions (metrics.py) and latency measurement (latency.py)."""
+
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -7,7 +10,16 @@ from conftest import random_batch, tiny_model
 from transformers import EvalPrediction
 
 from hf_compress import measure_latency
-from hf_compress.metrics import accuracy, build_compute_metrics, compute_classification_metrics, f1, load_metric
+from hf_compress.deploy.latency import device_name
+from hf_compress.metrics import (
+    accuracy,
+    build_compute_metrics,
+    compute_classification_metrics,
+    f1,
+    load_metric,
+    model_inputs,
+    predict_logits,
+)
 
 PREDICTIONS = [0, 1, 2, 2, 1, 0, 2, 1]
 REFERENCES = [0, 2, 2, 2, 1, 1, 0, 1]
@@ -46,6 +58,7 @@ def test_unknown_metric_fails_without_downloading():
 
 
 def test_local_evaluate_metric_script_is_used(tmp_path):
+    pytest.importorskip("evaluate")
     folder = tmp_path / "exact_match_rate"
     folder.mkdir()
     (folder / "exact_match_rate.py").write_text(
@@ -93,3 +106,42 @@ def test_measure_latency_counts_every_call():
 
     measure_latency(Recorder(), {"x": torch.zeros(1)}, warmup=2, repeats=5)
     assert calls == [True] * 7
+
+
+def test_metrics_work_without_evaluate(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "evaluate", None)  # as if not installed
+    assert load_metric("accuracy") is accuracy and load_metric("f1") is f1
+    assert build_compute_metrics(("accuracy",), num_labels=2)(
+        EvalPrediction(predictions=np.eye(2)[[0, 1, 1]], label_ids=np.array([0, 1, 0]))
+    ) == {"accuracy": pytest.approx(2 / 3)}
+    # Only a metric script needs evaluate, and the error says how to get it.
+    with pytest.raises(ImportError, match=r'pip install "hf-compress\[evaluate\]"'):
+        load_metric(str(tmp_path))
+
+
+def test_the_library_imports_without_evaluate():
+    code = "import sys; sys.modules['evaluate'] = None; import hf_compress, hf_compress.cli, hf_compress.metrics"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+
+
+def test_predict_logits_keeps_order_labels_and_the_model_mode():
+    model = tiny_model("distilbert").train()
+    batches = [random_batch(batch_size=3, seed=0), random_batch(batch_size=2, seed=1)]
+    # A BERT tokenizer's extra input, which DistilBERT's forward does not take, is dropped.
+    batches[0]["token_type_ids"] = torch.zeros_like(batches[0]["input_ids"])
+    logits, labels = predict_logits(model, batches)
+    assert model.training  # back to its previous mode
+    model.eval()
+    with torch.no_grad():
+        expected = torch.cat([model(**model_inputs(model, batch)).logits for batch in batches])
+    torch.testing.assert_close(logits, expected)
+    assert torch.equal(labels, torch.cat([batch["labels"] for batch in batches]))
+    assert set(model_inputs(model, batches[0])) == {"input_ids", "attention_mask"}
+    unlabelled = [{k: v for k, v in batch.items() if k != "labels"} for batch in batches]
+    assert predict_logits(model, unlabelled)[1] is None
+
+
+def test_device_name_names_the_processor():
+    name = device_name("cpu")
+    assert isinstance(name, str) and name.strip() == name and name

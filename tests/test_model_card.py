@@ -3,8 +3,9 @@ import yaml
 from conftest import tiny_model
 from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
+from transformers import GPT2Config, GPT2LMHeadModel
 
-from hf_compress import build_comparison, create_model_card, create_student, describe_model
+from hf_compress import build_comparison, compression_report, create_model_card, create_student, describe_model
 from hf_compress.deploy.model_card import TEMPLATE_PATH
 
 TEACHER_ID = "textattack/bert-base-uncased-SST-2"
@@ -140,3 +141,25 @@ def test_only_the_main_process_writes(distilled, monkeypatch):
 
 def test_template_ships_inside_the_package():
     assert TEMPLATE_PATH.is_file() and "{{ card_data }}" in TEMPLATE_PATH.read_text()
+
+
+def test_describe_model_is_the_model_summary_under_the_comparison_keys():
+    model = tiny_model("bert", "masked-lm")  # tied embeddings: counted once in both
+    summary = compression_report(model).model
+    description = describe_model(model)
+    assert description == {
+        "class": "BertForMaskedLM",
+        "model_type": "bert",
+        "parameters": summary.parameters,
+        "size_bytes": summary.size_bytes,
+        "structure": {"layers": 4, "heads_per_layer": [4] * 4, "ffn_neurons_per_layer": [24] * 4},
+    }
+    assert "size_bytes" not in describe_model(model, measure_size=False)
+
+
+def test_describe_model_of_an_unregistered_architecture_has_no_structure():
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=20, n_positions=16))
+    description = describe_model(model)
+    assert set(description) == {"class", "model_type", "parameters", "size_bytes"}
+    assert description["parameters"] == sum(p.numel() for p in model.parameters())
+    assert description["size_bytes"] > 0

@@ -1,4 +1,5 @@
-"""`load_compressed`: load what hf-compress saved, with the task head it was saved with.
+"""`load_compressed`: load what hf-compress saved, with the task head it was saved with (`from_pretrained_compressed`:
+with the class the caller chooses).
 
 `hf_compress.structure.record_structure` keeps a pruned model's config and class describing its modules, so
 `save_pretrained` needs nothing from this module; loading does: the class the checkpoint recorded (as its pruned twin
@@ -14,6 +15,7 @@ from transformers import AutoConfig, PreTrainedModel
 
 from ..architectures import get_spec
 from ..remote_code import modeling_hf_compress as remote
+from ..remote_code.modeling_hf_compress import auto_model_mapping
 from ..structure import ModelStructure, stock_class, structure_entry
 
 # `from_pretrained` arguments that say where the files are; `load_compressed` also needs them to read the config.
@@ -32,7 +34,7 @@ def _model_class(config: transformers.PretrainedConfig) -> type:
                 "define. Load it with the library that defines that class."
             )
         # No architecture recorded: the base model, as `AutoModel` would load it.
-        model_class = transformers.AutoModel._model_mapping[type(config)]
+        model_class = auto_model_mapping(transformers.AutoModel)[type(config)]
     if hasattr(config, remote.CONFIG_KEY):
         return remote.compressed_class(model_class)
     return model_class
@@ -67,7 +69,7 @@ def load_compressed(pretrained_model_name_or_path: str | os.PathLike, **kwargs) 
             at random with only a log line; a compressed checkpoint with a hole in it is damaged, not a new head.
     """
     return_info = kwargs.pop("output_loading_info", False)
-    model, info = _from_pretrained(pretrained_model_name_or_path, None, output_loading_info=True, **kwargs)
+    model, info = from_pretrained_compressed(pretrained_model_name_or_path, None, output_loading_info=True, **kwargs)
     missing = sorted(info.get("missing_keys") or ())
     if missing:
         raise ValueError(
@@ -78,16 +80,28 @@ def load_compressed(pretrained_model_name_or_path: str | os.PathLike, **kwargs) 
     return (model, info) if return_info else model
 
 
-def _from_pretrained(
-    pretrained_model_name_or_path: str | os.PathLike, model_class: type | None, **kwargs
+def from_pretrained_compressed(
+    pretrained_model_name_or_path: str | os.PathLike, model_class: type | None = None, **kwargs
 ) -> PreTrainedModel:
-    """`from_pretrained` that reads hf-compress structures: `load_compressed`, or with the class the caller chose.
+    """`model_class.from_pretrained` that reads what hf-compress saved (per-layer structure, transformers 4 heads).
+
+    The loader behind `load_compressed` (which also refuses holes in the weights) and `from_pretrained_int8`.
 
     Args:
         pretrained_model_name_or_path: A local directory or a Hub model id.
         model_class: The class to load with (an Auto class or a model class; a checkpoint with per-layer structure
             loads with the pruned twin of the class it stands for), or None for the class the checkpoint recorded.
         **kwargs: Passed to `from_pretrained`.
+
+    Returns:
+        The model (and the loading info with `output_loading_info=True`, as `from_pretrained` returns them).
+
+    Example:
+    ```python
+    from transformers import AutoModelForSequenceClassification
+
+    model = from_pretrained_compressed("pruned", AutoModelForSequenceClassification)
+    ```
     """
     hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
     config = kwargs.get("config")
@@ -101,7 +115,7 @@ def _from_pretrained(
     elif hasattr(config, remote.CONFIG_KEY):
         # Stock classes build the unpruned shapes and refuse the checkpoint's (`ignore_mismatched_sizes`); the pruned
         # twin of the class the caller asked for builds the recorded ones.
-        mapping = getattr(model_class, "_model_mapping", None)
+        mapping = auto_model_mapping(model_class)
         if mapping is not None:  # an Auto class: the model class it picks for this config
             if type(config) not in mapping:
                 raise ValueError(

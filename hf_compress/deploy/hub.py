@@ -22,8 +22,9 @@ from huggingface_hub import CommitInfo, HfApi, ModelCard
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging
 
-from ..pruning.unstructured import _pruned_tensor_names, _save_pretrained_folded
-from .model_card import COMPARISON_FILE, create_model_card
+from ..pruning.mask_folding import pruned_tensor_names, save_pretrained_folded
+from .comparison import COMPARISON_FILE
+from .model_card import create_model_card
 
 logger = logging.get_logger(__name__)
 
@@ -72,9 +73,9 @@ def push_compressed_to_hub(
         return None
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as folder:
-        if any(_pruned_tensor_names(module) for module in model.modules()):
+        if any(pruned_tensor_names(module) for module in model.modules()):
             # Whoever applied the masks (magnitude_prune, or torch.nn.utils.prune directly), fold them.
-            _save_pretrained_folded(model, folder)
+            save_pretrained_folded(model, folder)
         else:
             model.save_pretrained(folder)
         if tokenizer is not None:

@@ -1,6 +1,7 @@
 """Model cards for compressed models: what was done, what it costs and gains, and how to load the result.
 
-`create_model_card(output_dir, model, ...)` renders `hf_compress/templates/model_card.md` (a Jinja template, through
+The rendering half of a card; the numbers it shows are measured in `hf_compress.deploy.comparison`.
+`create_model_card(output_dir, model, ...)` renders `hf_compress/deploy/templates/model_card.md` (a Jinja template, through
 `huggingface_hub.ModelCard.from_template`) with facts from the run and writes `README.md`:
 
 - metadata the Hub understands: `library_name: transformers`, the `hf-compress` tag, `base_model` (the teacher, when it
@@ -23,7 +24,6 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,10 +36,12 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import PreTrainedModel
 
 from ..report import format_bytes
-from ..structure import get_structure
+from .comparison import COMPARISON_FILE, describe_model
+
+# COMPARISON_FILE lives in `comparison`; it is also importable from here, where the card's callers look for it.
+__all__ = ["COMPARISON_FILE", "TEMPLATE_PATH", "create_model_card"]
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
-COMPARISON_FILE = "comparison.json"
 _START, _END = "<!-- hf-compress:card:start", "<!-- hf-compress:card:end -->"
 _TASK_NAMES = {
     "text-classification": "Text Classification",
@@ -56,90 +58,6 @@ _AUTO_CLASSES = {
     "ForMaskedLM": ("AutoModelForMaskedLM", "fill-mask"),
     "ForMultipleChoice": ("AutoModelForMultipleChoice", None),
 }
-
-
-#### Facts about a model and a comparison
-
-
-def describe_model(model: PreTrainedModel, measure_size: bool = True) -> dict[str, Any]:
-    """Parameters, checkpoint size and per-layer structure of a model, for a comparison or a card.
-
-    Args:
-        model: Any `PreTrainedModel`; the per-layer structure needs a registered architecture.
-        measure_size: Save the model to a temporary folder and report the bytes written (weights, config and any
-            custom code), the size a user downloads.
-
-    Returns:
-        `{"class", "model_type", "parameters", "size_bytes"?, "structure"?}` where `structure` is
-        `{"layers", "heads_per_layer", "ffn_neurons_per_layer"}` (absent for an unregistered architecture).
-
-    Example:
-        ```python
-        >>> describe_model(student)["structure"]
-        {'layers': 3, 'heads_per_layer': [12, 12, 12], 'ffn_neurons_per_layer': [1536, 1536, 1536]}
-        ```
-    """
-    description: dict[str, Any] = {
-        "class": type(model).__name__,
-        "model_type": model.config.model_type,
-        "parameters": sum(parameter.numel() for parameter in model.parameters()),
-    }
-    if measure_size:
-        with tempfile.TemporaryDirectory() as folder:
-            model.save_pretrained(folder)
-            description["size_bytes"] = sum(file.stat().st_size for file in Path(folder).rglob("*") if file.is_file())
-    try:
-        structure = get_structure(model)
-    except ValueError:  # an unregistered architecture: no per-layer structure to describe
-        return description
-    description["structure"] = {
-        "layers": structure.num_layers,
-        "heads_per_layer": list(structure.heads),
-        "ffn_neurons_per_layer": list(structure.ffn),
-    }
-    return description
-
-
-def build_comparison(
-    reference: Mapping[str, Any],
-    model: Mapping[str, Any],
-    dataset: Mapping[str, Any] | None = None,
-    latency: Mapping[str, Any] | None = None,
-    task: str = "text-classification",
-) -> dict[str, Any]:
-    """The comparison of a compressed model with its teacher/original, as saved in `comparison.json`.
-
-    Args:
-        reference: The teacher/original: `describe_model(...)` plus `name_or_path`, `metrics` (name -> value) and
-            `latency_ms` (median per batch), each optional.
-        model: The same for the compressed model.
-        dataset: Where the metrics come from: `name` (for display), `hub_id` (the Hub dataset id, or None for local
-            data), `config`, `split`, `num_examples`.
-        latency: How latency was measured (a `measure_latency` result minus the timings): `device`, `device_name`,
-            `torch_threads`, `batch_size`, `sequence_length`, `repeats`, `warmup`.
-        task: The pipeline task (`text-classification`, ...).
-
-    Returns:
-        `{"task", "dataset", "latency", "teacher", "student", "speedup", "parameter_ratio", "size_ratio",
-        "metrics_retained"}`; ratios are student / teacher, `speedup` teacher latency / student latency, and an
-        entry is `None` when a side lacks the number.
-    """
-
-    def ratio(numerator: float | None, denominator: float | None) -> float | None:
-        return numerator / denominator if numerator is not None and denominator else None
-
-    reference_metrics, model_metrics = reference.get("metrics", {}), model.get("metrics", {})
-    return {
-        "task": task,
-        "dataset": dict(dataset or {}),
-        "latency": dict(latency or {}),
-        "teacher": dict(reference),
-        "student": dict(model),
-        "speedup": ratio(reference.get("latency_ms"), model.get("latency_ms")),
-        "parameter_ratio": ratio(model.get("parameters"), reference.get("parameters")),
-        "size_ratio": ratio(model.get("size_bytes"), reference.get("size_bytes")),
-        "metrics_retained": {name: ratio(model_metrics[name], reference_metrics.get(name)) for name in model_metrics},
-    }
 
 
 #### The card
@@ -185,7 +103,7 @@ def create_model_card(
         language, license: Card metadata.
         tags: Extra tags; `hf-compress` and `distillation`/`pruning` are always added.
         intended_use: A paragraph on intended use; a default derived from the task and teacher otherwise.
-        template_path: Another Jinja template; default `hf_compress/templates/model_card.md`.
+        template_path: Another Jinja template; default `hf_compress/deploy/templates/model_card.md`.
 
     Returns:
         The written `ModelCard`, or `None` on a non-main process.

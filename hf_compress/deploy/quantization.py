@@ -34,7 +34,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..pruning.unstructured import make_permanent
-from .checkpoint import _from_pretrained
+from .checkpoint import from_pretrained_compressed
 
 _SAVE_ERROR = (
     "This model was dynamically quantized to int8 by hf_compress: its linear layers hold packed int8 weights that "
@@ -149,6 +149,6 @@ def from_pretrained_int8(
             f"`model_class` must be a transformers model class with `from_pretrained` (e.g. "
             f"AutoModelForSequenceClassification), got {model_class!r}."
         )
-    model = _from_pretrained(pretrained_model_name_or_path, model_class, **kwargs)
+    model = from_pretrained_compressed(pretrained_model_name_or_path, model_class, **kwargs)
     _check_can_quantize(model)
     return _quantize_in_place(model)

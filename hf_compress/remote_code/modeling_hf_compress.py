@@ -190,12 +190,32 @@ class HFCompressMixin:
         return cls.hf_compress_stock_class._can_set_attn_implementation()
 
 
+def auto_model_mapping(auto_class: type | str) -> dict[type, type] | None:
+    """Config class -> model class of a transformers Auto class (given as the class or its name); None for others.
+
+    The one read of `_model_mapping`, a private attribute of transformers' Auto classes (it lives here because this
+    file must not import hf-compress; `hf_compress.deploy.checkpoint` imports it from here). If transformers renames
+    or removes it, pruned checkpoints get no `auto_map` (no `trust_remote_code` loading), and `load_compressed` of a
+    checkpoint without `architectures` or with an Auto class fails: this raises instead of returning None for an Auto
+    class, and tests/test_transformers_internals.py fails first.
+    """
+    if isinstance(auto_class, str):
+        auto_class = getattr(transformers, auto_class)
+    mapping = getattr(auto_class, "_model_mapping", None)
+    if mapping is None and auto_class.__module__.startswith("transformers.models.auto."):
+        raise RuntimeError(
+            f"transformers {transformers.__version__} has no {auto_class.__name__}._model_mapping, which hf-compress "
+            "reads to find the model class of a config. Install the transformers version hf-compress supports."
+        )
+    return mapping
+
+
 def auto_class_names(stock_class: type) -> dict[str, str]:
     """Auto class name -> stock class name, for every Auto class in `AUTO_CLASSES` that loads `stock_class`'s config."""
     names = {}
     config_class = getattr(stock_class, "config_class", None)
     for auto_name in AUTO_CLASSES:
-        mapping = getattr(transformers, auto_name)._model_mapping
+        mapping = auto_model_mapping(auto_name)
         if config_class is not None and config_class in mapping:
             names[auto_name] = mapping[config_class].__name__
     return names
