@@ -27,11 +27,11 @@ SEQ_LEN = 10
 TASKS = ("sequence-classification", "token-classification")
 
 
-def build_dataset(task: str) -> Dataset:
-    """Fixed rows of different padded lengths; token labels are -100 on padding and on some real tokens, so each
-    process's shard holds a different number of labelled tokens."""
+def build_dataset(task: str, num_steps: int = MAX_STEPS) -> Dataset:
+    """Fixed rows of different padded lengths, `num_steps` global batches; token labels are -100 on padding and on
+    some real tokens, so each process's shard holds a different number of labelled tokens."""
     generator = torch.Generator().manual_seed(3)
-    num_rows = GLOBAL_BATCH_SIZE * MAX_STEPS
+    num_rows = GLOBAL_BATCH_SIZE * num_steps
     input_ids = torch.randint(5, VOCAB_SIZE, (num_rows, SEQ_LEN), generator=generator)
     lengths = torch.randint(3, SEQ_LEN + 1, (num_rows,), generator=generator)
     attention_mask = (torch.arange(SEQ_LEN)[None, :] < lengths[:, None]).long()  # (rows, SEQ_LEN)

@@ -6,7 +6,8 @@ Where things live:
   (`constants`: the values they accept, shared with the implementations).
 - `checks`: the task of a model, the layer mapping, whether a student and teacher can be distilled;
   `teacher`: loading, freezing and running the teacher; `attention_pairs`: which attention maps the attention loss
-  compares.
+  compares; `distributed`: the distributed setups accepted (DDP, FSDP2) and refused, the FSDP2-sharded teacher and
+  how processes agree before running it together.
 - `losses`: the pure loss functions; `loss_parts`: each part of a batch's loss from the two models' outputs;
   `loss_accounting`: the item counts the parts average over and their logged means; `projections`: the learned
   hidden-state projections and their checkpoints.

@@ -109,7 +109,7 @@ class DistillationTrainingArguments(TrainingArguments):
             (half the size of float32). Defaults to the teacher's dtype, which reproduces the live loss exactly. The
             logits always keep the teacher's dtype.
         teacher_sharding (`str`, *optional*, defaults to `"shard"`):
-            Where the teacher lives when the student trains with FSDP2 (`fsdp="full_shard"`, or `accelerate launch`
+            Where the teacher lives when the student trains with FSDP2 (`fsdp=True`, or `accelerate launch`
             with an FSDP2 config); ignored otherwise. `"shard"` shards it like the student (`fully_shard` on each
             transformer layer and on the whole model, over the student's device mesh; frozen, in eval mode, no
             optimizer state, never saved), so each process holds `1 / num_processes` of its weights and every

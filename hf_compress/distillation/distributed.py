@@ -2,7 +2,7 @@
 
 - DDP: the student is wrapped by the Trainer; the teacher stays whole on every process; the hidden-state projections
   are replicated and their gradients averaged by the trainer (`projections.average_gradients`).
-- FSDP2 (`fsdp="full_shard"` with `fsdp_config={"version": 2}`, or `accelerate launch` with an FSDP2 config): the
+- FSDP2 (`fsdp=True` with `fsdp_config={"version": 2}`, or `accelerate launch` with an FSDP2 config): the
   student is sharded by accelerate; the teacher is sharded the same way (`shard_teacher`, the default
   `teacher_sharding="shard"`) or kept whole (`"replicate"`); the projections stay replicated as under DDP and join the
   optimizer after accelerate has swapped the student's parameters for their shards.
@@ -15,7 +15,9 @@ failed) before they start such a sequence of collectives, so that no process wai
 
 from __future__ import annotations
 
+import itertools
 import os
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -23,11 +25,13 @@ from transformers import PreTrainedModel
 from transformers.utils import logging
 
 from ..architectures import get_layers, supported_model_types
+from ..pruning.magnitude_callback import GradualMagnitudePruningCallback
+from ..pruning.structured_callback import GradualStructuredPruningCallback
 
 logger = logging.get_logger(__name__)
 
 _FSDP2_FIX = (
-    'fsdp="full_shard" with fsdp_config={"version": 2} in the training arguments, or `fsdp_version: 2` in the '
+    'fsdp=True with fsdp_config={"version": 2} in the training arguments, or `fsdp_version: 2` in the '
     "accelerate config (see examples/accelerate_configs/fsdp2.yaml)"
 )
 
@@ -112,6 +116,25 @@ def check_enabled_setup(args, state, teacher: PreTrainedModel) -> None:
         )
 
 
+def check_pruning_callbacks(callbacks: Iterable, is_fsdp_enabled: bool) -> None:
+    """Refuse the gradual pruning callbacks under FSDP: they read and edit whole weights (magnitudes, head and neuron
+    importance, smaller modules), while each process holds shards of them.
+
+    Raises:
+        ValueError: naming the callback and DDP as the way to run it.
+    """
+    if not is_fsdp_enabled:
+        return
+    for callback in callbacks or ():
+        callback_class = callback if isinstance(callback, type) else type(callback)
+        if issubclass(callback_class, (GradualStructuredPruningCallback, GradualMagnitudePruningCallback)):
+            raise ValueError(
+                f"{callback_class.__name__} cannot prune a student sharded by FSDP: it reads and edits whole weights, "
+                "and each process holds shards of them. Prune with DDP (no fsdp; every process holds the whole "
+                "student), or prune before or after the FSDP run."
+            )
+
+
 def _deepspeed_error(source: str) -> ValueError:
     return ValueError(
         f"DistillationTrainer does not support DeepSpeed ({source}): the teacher and the hidden-state projections "
@@ -143,11 +166,12 @@ def warn_if_fsdp_ignored(args, state, is_fsdp_enabled: bool) -> None:
 
 def teacher_layers(teacher: PreTrainedModel) -> list[nn.Module]:
     """The teacher's transformer layers: from the architecture registry, else the modules named by the model's
-    `_no_split_modules` (what transformers keeps whole when dispatching)."""
+    `_no_split_modules` (what transformers keeps whole when dispatching), inner ones first."""
     if teacher.config.model_type in supported_model_types():
         return list(get_layers(teacher))
     names = set(getattr(teacher, "_no_split_modules", None) or ())
-    return [module for module in teacher.modules() if type(module).__name__ in names and module is not teacher]
+    modules = [module for module in teacher.modules() if type(module).__name__ in names and module is not teacher]
+    return modules[::-1]  # inner modules first: `fully_shard` a module before any module that holds it
 
 
 def device_mesh(accelerator):
@@ -183,6 +207,26 @@ def shard_teacher(teacher: PreTrainedModel, accelerator) -> PreTrainedModel:
     fully_shard(teacher, **kwargs)
     logger.info(f"Sharded the teacher over {accelerator.num_processes} processes ({len(layers)} layers + the root).")
     return teacher
+
+
+def broadcast_teacher(teacher: PreTrainedModel, device: torch.device | str) -> None:
+    """Give every process the main process's teacher: broadcast each parameter and buffer from global rank 0.
+
+    With accelerate's `cpu_ram_efficient_loading` (`FSDP_CPU_RAM_EFFICIENT_LOADING=true`), `from_pretrained` reads
+    the weights on each node's main process only and leaves the other processes' parameters on the meta device (and
+    non-persistent buffers zeroed), for accelerate to broadcast when it prepares the model, which it never does for the
+    teacher. A collective: every process calls it, the tensors come in the same order on all.
+
+    Args:
+        teacher: The teacher as loaded (parameters possibly on the meta device).
+        device: Where tensors of the meta device are allocated before receiving their values.
+    """
+    tensors = list(itertools.chain(teacher.parameters(), teacher.buffers()))
+    if any(tensor.is_meta for tensor in tensors):
+        teacher.to_empty(device=device)
+        tensors = list(itertools.chain(teacher.parameters(), teacher.buffers()))
+    for tensor in tensors:
+        torch.distributed.broadcast(tensor.data, src=0)
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -79,13 +79,15 @@ def save_projections(projections: nn.ModuleDict, checkpoint_dir: str) -> None:
     save_file(state, os.path.join(checkpoint_dir, PROJECTIONS_NAME))
 
 
-def load_projections(projections: nn.ModuleDict, checkpoint_dir: str, device: torch.device | str) -> None:
-    """Restore the projections saved in `checkpoint_dir`; without that file they keep their values, with a warning."""
+def load_projections(projections: nn.ModuleDict, checkpoint_dir: str) -> None:
+    """Restore the projections saved in `checkpoint_dir` (copied onto their device); without that file they keep their
+    values, with a warning."""
     path = os.path.join(checkpoint_dir, PROJECTIONS_NAME)
     if not os.path.isfile(path):
         logger.warning(f"{path} not found: the hidden-state projections restart from their initialisation.")
         return
-    projections.load_state_dict(load_file(path, device=str(device)))
+    # Read on the CPU: safetensors refuses indexed CPU devices ("cpu:0", the device of distributed CPU runs).
+    projections.load_state_dict(load_file(path, device="cpu"))
 
 
 @contextmanager

@@ -426,7 +426,9 @@ class TeacherCache:
         return cache
 
     @classmethod
-    def _reuse(cls, path: str, input_names: tuple[str, ...], teacher_digest: str, data_digest: str) -> TeacherCache | None:
+    def _reuse(
+        cls, path: str, input_names: tuple[str, ...], teacher_digest: str, data_digest: str
+    ) -> TeacherCache | None:
         """The valid cache at `path`, or `None` when it must be built (a damaged file is deleted); first creates the
         folder and removes the temporary files of killed builds in it."""
         os.makedirs(os.path.dirname(path), exist_ok=True)

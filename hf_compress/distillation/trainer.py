@@ -35,8 +35,10 @@ from .checks import check_compatible, forward_arg_names, is_regression, resolve_
 from .config import DistillationTrainingArguments
 from .distributed import (
     Lockstep,
+    broadcast_teacher,
     check_distributed_setup,
     check_enabled_setup,
+    check_pruning_callbacks,
     is_sharded,
     shard_teacher,
     warn_if_fsdp_ignored,
@@ -95,10 +97,12 @@ class DistillationTrainer(Trainer):
       required with a [`GradualStructuredPruningCallback`].
 
     The teacher is frozen, in eval mode, run without gradients, placed on the training device (and in bf16/fp16 when
-    those are on), never wrapped for distributed training and never saved: checkpoints and `save_model` hold the
-    student only. A teacher you pass as a model is modified *in place* (no copy, which would double its memory): it
-    stays in eval mode with `requires_grad=False` and on that device and dtype after training, so copy a student
-    from it *before* creating the trainer (or call `student.requires_grad_(True)`). A student with no trainable
+    those are on), never given to the optimizer and never saved: checkpoints and `save_model` hold the student only.
+    Under DDP every process holds a whole teacher; under FSDP2 it is sharded like the student unless
+    `teacher_sharding="replicate"` (see `DistillationTrainingArguments`). A teacher you pass as a model is modified
+    *in place* (no copy, which would double its memory): it stays in eval mode with `requires_grad=False`, on that
+    device and dtype (and sharded, under FSDP2) after training, so copy a student from it *before* creating the
+    trainer (or call `student.requires_grad_(True)`). A student with no trainable
     parameter, or one that shares parameters with the teacher, is refused with a `ValueError`. With
     `teacher_cache_dir` set, `train()` runs the teacher once over the training set and training batches read its
     outputs from that cache (`trainer.teacher_cache`, a [`TeacherCache`]) instead of running it.
@@ -111,6 +115,13 @@ class DistillationTrainer(Trainer):
     `load_best_model_at_end` without `metric_for_best_model` therefore keeps the checkpoint with the lowest
     distillation loss, closest to the teacher as much as to the labels; set `metric_for_best_model="hard_loss"` or a
     `compute_metrics` metric such as `"accuracy"` to select on the labels.
+
+    Distributed training: DDP and FSDP2 (`fsdp=True`, `fsdp_config={"version": 2}`, or `accelerate launch` with an
+    FSDP2 config) train exactly like one process with the same global batch. Under FSDP2 the hidden-state projections
+    stay whole on every process (their gradients averaged like the student's) and their optimizer state is saved
+    beside the checkpoint's. FSDP1, DeepSpeed and `l1_weight > 0` under FSDP are refused with a `ValueError` before
+    any work. accelerate enables FSDP only on accelerator devices: on CPU, `fsdp` is ignored with a warning and
+    training runs as DDP.
 
     Args:
         model ([`~transformers.PreTrainedModel`], *optional*):
@@ -201,6 +212,10 @@ class DistillationTrainer(Trainer):
         # The accelerator may have read DeepSpeed / FSDP plugins from the environment (accelerate launch).
         check_enabled_setup(args, self.accelerator.state, teacher_model)
         warn_if_fsdp_ignored(args, self.accelerator.state, self.is_fsdp_enabled)
+        check_pruning_callbacks(self.callback_handler.callbacks, self.is_fsdp_enabled)
+        if self.is_fsdp_enabled and self.accelerator.state.fsdp_plugin.cpu_ram_efficient_loading:
+            # Only the main processes loaded its weights; accelerate fills in the student's, not the teacher's.
+            broadcast_teacher(teacher_model, self.args.device)
 
         self._task = task_of(self.model)
         self._regression = is_regression(self.model.config)
@@ -345,6 +360,7 @@ class DistillationTrainer(Trainer):
         """
         # Callbacks may have been added since construction (`add_callback`): check again before any step.
         check_gradual_pruning(self.callback_handler.callbacks, self.args)
+        check_pruning_callbacks(self.callback_handler.callbacks, self.is_fsdp_enabled)
         self.prepare_teacher_cache()
         return super().train(
             resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval
@@ -355,6 +371,8 @@ class DistillationTrainer(Trainer):
 
         `train()` calls this first. Call it yourself to build the cache ahead of training, for example once on one
         process before a multi-process run (whose processes then only load the file), or to time the build apart.
+        With a teacher sharded by FSDP2 (`teacher_sharding="shard"`) every process must call it together: they run
+        the teacher on the whole training set in lockstep and the local main processes write the file.
 
         Returns:
             The [`TeacherCache`] (also set as `self.teacher_cache`), or `None` when `teacher_cache_dir` is not set or
@@ -390,10 +408,31 @@ class DistillationTrainer(Trainer):
         dtype = getattr(torch, args.teacher_cache_dtype) if args.teacher_cache_dtype else None
         layout = CacheLayout(self._task.token_level, tuple(hidden_states), tuple(attentions), dtype)
 
+        sharded = is_sharded(self.teacher_model)
+
         def teacher_forward(batch: dict[str, Any]) -> ModelOutput:
             with self.compute_loss_context_manager():  # the precision context the live teacher runs in
-                return run_teacher(self.teacher_model, batch, self._teacher_input_names, self._output_flags)
+                if not sharded:
+                    return run_teacher(self.teacher_model, batch, self._teacher_input_names, self._output_flags)
+                # FSDP2 gathers the weights into buffers it allocates once and reuses: allocated under the build's
+                # inference mode they would be inference tensors, which a later live forward (evaluation) may not
+                # write. Outside inference mode, no_grad gives the same outputs.
+                with torch.inference_mode(False), torch.no_grad():
+                    return run_teacher(self.teacher_model, batch, self._teacher_input_names, self._output_flags)
 
+        if sharded:
+            # Every forward of a sharded teacher is a collective: all processes fingerprint it, agree on building,
+            # run it on every batch together and open the file the local main processes wrote.
+            return TeacherCache.load_or_build(
+                self.args.teacher_cache_dir,
+                self._teacher_cache_batches(),
+                self.teacher_model,
+                teacher_forward,
+                self._teacher_input_names,
+                layout,
+                show_progress=not self.args.disable_tqdm and self.is_local_process_zero(),
+                lockstep=Lockstep(self.accelerator),
+            )
         # Every process needs the whole training set's outputs (each sees other examples every epoch): the main
         # process builds the file, the others then find it.
         with self.args.main_process_first(desc="teacher cache"):
@@ -624,7 +663,7 @@ class DistillationTrainer(Trainer):
         else:
             super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is not None and self.hidden_projections is not None:
-            load_projections(self.hidden_projections, checkpoint, self.args.device)
+            load_projections(self.hidden_projections, checkpoint)
 
 
 def _first(value: str | list[str] | None) -> str | None:
