@@ -319,3 +319,33 @@ def test_9_from_pretrained_int8_loads_a_pruned_checkpoint(tmp_path):
     loaded = from_pretrained_int8(tmp_path, AutoModelForSequenceClassification)
     assert get_structure(loaded) == get_structure(model)
     assert torch.equal(_logits(loaded, batch), _logits(quantize_dynamic_int8(model), batch))
+
+
+@pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])
+@pytest.mark.parametrize("callback_class", ["structured", "magnitude"])
+def test_pruning_callbacks_refuse_sharded_runs_before_any_step(engine, callback_class, monkeypatch):
+    # Under FSDP / DeepSpeed ZeRO each process holds shards: the callbacks would score and cut a slice of each weight.
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    from hf_compress import GradualMagnitudePruningCallback, GradualStructuredPruningCallback, PruningConfig
+
+    if engine == "fsdp":
+        args = SimpleNamespace(fsdp=True, deepspeed=None)
+    else:
+        args = SimpleNamespace(fsdp=False, deepspeed=None)
+        monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    callback = (
+        GradualStructuredPruningCallback(PruningConfig(keep=0.5, importance="magnitude"), 0.1, 0.5, 1)
+        if callback_class == "structured"
+        else GradualMagnitudePruningCallback(final_sparsity=0.5, begin_step=0.1, end_step=0.5, frequency=1)
+    )
+    model = tiny_model("bert")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = TrainerState(max_steps=10)
+    with pytest.raises(
+        ValueError, match=f"cannot prune a model sharded by {'FSDP' if engine == 'fsdp' else 'DeepSpeed'}"
+    ):
+        callback.on_train_begin(args, state, TrainerControl(), model=model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

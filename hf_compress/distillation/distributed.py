@@ -25,6 +25,7 @@ from transformers import PreTrainedModel
 from transformers.utils import logging
 
 from ..architectures import get_layers, supported_model_types
+from ..launch import deepspeed_requested, fsdp_requested
 from ..pruning.magnitude_callback import GradualMagnitudePruningCallback
 from ..pruning.structured_callback import GradualStructuredPruningCallback
 
@@ -34,24 +35,6 @@ _FSDP2_FIX = (
     'fsdp=True with fsdp_config={"version": 2} in the training arguments, or `fsdp_version: 2` in the '
     "accelerate config (see examples/accelerate_configs/fsdp2.yaml)"
 )
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
-
-
-def deepspeed_requested(args) -> bool:
-    """Whether the run asks for DeepSpeed: `args.deepspeed` (a config path or dict), or `accelerate launch` with a
-    DeepSpeed config (which sets `ACCELERATE_USE_DEEPSPEED=true`)."""
-    return bool(getattr(args, "deepspeed", None)) or _env_flag("ACCELERATE_USE_DEEPSPEED")
-
-
-def fsdp_requested(args) -> bool:
-    """Whether the run asks for FSDP: `args.fsdp`, or `accelerate launch` with an FSDP config (which sets both
-    `ACCELERATE_USE_FSDP=true` and `FSDP_VERSION`; accelerate also sets the first alone in any process that created an
-    FSDP `Accelerator`, which is no request). Whether accelerate then enables it is another matter (see
-    `warn_if_fsdp_ignored`)."""
-    return bool(getattr(args, "fsdp", None)) or (_env_flag("ACCELERATE_USE_FSDP") and "FSDP_VERSION" in os.environ)
 
 
 def requested_fsdp_version(args) -> int:

@@ -25,6 +25,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.utils import logging
 
+from ..launch import refuse_sharded_pruning
 from .constants import SCOPES
 from .module_selection import normalize_patterns, select_linear_modules
 from .schedules import CubicSparsitySchedule, resolve_step, validate_step_range
@@ -116,6 +117,7 @@ class GradualMagnitudePruningCallback(TrainerCallback):
             select_linear_modules(kwargs["model"], self.include, self.exclude)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        refuse_sharded_pruning(args, type(self).__name__)
         model = kwargs["model"]
         begin, end = resolve_step(self.begin_step, state.max_steps), resolve_step(self.end_step, state.max_steps)
         self.schedule = CubicSparsitySchedule.from_step_range(

@@ -47,6 +47,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.utils import logging
 
 from ..architectures import get_spec
+from ..launch import refuse_sharded_pruning
 from ..structure import get_structure
 from .config import PruningConfig
 from .importance import compute_importance
@@ -142,6 +143,7 @@ class GradualStructuredPruningCallback(TrainerCallback):
             add_structure_fitting_hook(model)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        refuse_sharded_pruning(args, type(self).__name__)
         model = kwargs["model"]
         get_spec(model)
         # Every check runs before anything changes, so a refused run leaves the callback and the model as they were.
