@@ -2,8 +2,11 @@
 
 The student keeps some of the teacher's layers (spread evenly by default, as DistilBERT did) and is trained with
 `DistillationTrainer` on the teacher's soft predictions and the labels. Teacher and student are then evaluated on the
-validation split and timed on the current device; the script prints a comparison table and saves the student, its
-tokenizer, `comparison.json` and a model card (`README.md`) in `--output_dir`.
+validation split and timed on the current device with `compare_latency`: interleaved, one call of each per round, so a
+change in machine load hits both (timed one after the other, a busy spell during the student's turn once showed a 2x
+student as "0.72x"). The speed-up is the median of the per-round ratios, printed with the range 80% of the rounds fall
+in, and a warning when the spread is too large to trust. The script prints a comparison table and saves the student,
+its tokenizer, `comparison.json` and a model card (`README.md`) in `--output_dir`.
 
 From the Hub (teacher `textattack/bert-base-uncased-SST-2`, dataset GLUE SST-2):
 
@@ -45,13 +48,14 @@ from hf_compress import (
     PruningConfig,
     build_comparison,
     build_compute_metrics,
+    compare_latency,
     compute_classification_metrics,
     create_model_card,
     create_student,
+    describe_latency,
     describe_model,
     format_bytes,
     load_text_classification_dataset,
-    measure_latency,
     model_inputs,
     predict_logits,
     prune,
@@ -119,7 +123,14 @@ class ScriptArguments:
     latency_batch_size: int | None = field(
         default=None, metadata={"help": "Batch size for the latency measurement; default the eval batch size."}
     )
-    latency_repeats: int = field(default=10, metadata={"help": "Timed forward passes per model (median reported)."})
+    latency_repeats: int = field(
+        default=30,
+        metadata={
+            "help": "Timed rounds (>= 2); each round runs teacher and student once, interleaved. The median is "
+            "reported, with the spread."
+        },
+    )
+    latency_warmup: int = field(default=3, metadata={"help": "Untimed rounds before the timed ones."})
     metrics: list[str] = field(
         default_factory=lambda: ["accuracy", "f1"],
         metadata={"help": "Metrics: names (packaged implementations) or paths to local evaluate metric scripts."},
@@ -146,9 +157,20 @@ def print_comparison(comparison: dict) -> None:
     print(f"{'':<20}{'teacher':>12}{'student':>12}")
     for name, teacher_value, student_value in rows:
         print(f"{name:<20}{teacher_value:>12}{student_value:>12}")
-    print(f"{'speed-up':<20}{'':>12}{comparison['speedup']:>11.2f}x")
+    interval = comparison.get("speedup_interval")
+    speedup = f"{comparison['speedup']:.2f}x"
+    print(
+        f"{'speed-up':<20}{'':>12}{speedup:>12}"
+        + (f"  ({interval[0]:.2f}-{interval[1]:.2f}x in 80% of rounds)" if interval else "")
+    )
     for name, retained in comparison["metrics_retained"].items():
         print(f"{name + ' retained':<20}{'':>12}{retained:>12.1%}")
+    if latency.get("noisy"):
+        print(
+            "WARNING: the latency spread is too large to trust the speed-up (the middle half of some model's rounds "
+            f"spans more than {latency['max_relative_iqr']:.0%} of its median). Rerun on an idle machine, with more "
+            "--latency_repeats or a larger --latency_batch_size."
+        )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -165,6 +187,11 @@ def main(argv: list[str] | None = None) -> dict:
         save_strategy="no",
     )
     script_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if script_args.latency_repeats < 2 or script_args.latency_warmup < 0:
+        raise ValueError(
+            f"--latency_repeats {script_args.latency_repeats} --latency_warmup {script_args.latency_warmup}: the "
+            "speed-up needs at least 2 timed rounds and no negative warm-up; e.g. --latency_repeats 30."
+        )
     # Show the INFO lines of this script and of hf-compress (their loggers come from transformers.utils.logging).
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     # Before any download: without the Hub, say at once how to run the same command from local folders.
@@ -270,24 +297,27 @@ def main(argv: list[str] | None = None) -> dict:
         eval_loader = torch.utils.data.DataLoader(
             eval_dataset, batch_size=training_args.per_device_eval_batch_size, collate_fn=collator
         )
+        models = {"teacher": teacher, "student": student}
         sides = {}
-        for side, model in (("teacher", teacher), ("student", student)):
+        for side, model in models.items():
             model.to(training_args.device)
             logits, labels = predict_logits(model, eval_loader)
             predictions = logits.argmax(-1).numpy()
-            timing = measure_latency(model, model_inputs(model, latency_batch), repeats=script_args.latency_repeats)
             sides[side] = {
                 **describe_model(model),
                 "name_or_path": script_args.teacher if side == "teacher" else training_args.output_dir,
                 "metrics": compute_classification_metrics(
                     predictions, labels.numpy(), script_args.metrics, teacher.config.num_labels
                 ),
-                "latency_ms": timing["median_ms"],
             }
-        setup = {
-            key: timing[key]
-            for key in ("device", "device_name", "torch_threads", "batch_size", "sequence_length", "repeats", "warmup")
-        }
+        # Both models on the same batch (the inputs both forwards take), timed round-robin in one run.
+        shared_inputs = model_inputs(student, model_inputs(teacher, latency_batch))
+        timing = compare_latency(
+            models, shared_inputs, rounds=script_args.latency_repeats, warmup=script_args.latency_warmup
+        )
+        for side in models:
+            sides[side]["latency_ms"] = timing.stats[side].median_ms
+        setup = describe_latency(timing, shared_inputs, device=training_args.device)
         from_hub = "name" in data.source
         dataset_info = {
             "name": script_args.dataset if from_hub else Path(script_args.dataset).name,
@@ -296,7 +326,13 @@ def main(argv: list[str] | None = None) -> dict:
             "split": "validation",
             "num_examples": len(eval_dataset),
         }
-        comparison = build_comparison(sides["teacher"], sides["student"], dataset=dataset_info, latency=setup)
+        comparison = build_comparison(
+            sides["teacher"],
+            sides["student"],
+            dataset=dataset_info,
+            latency=setup,
+            speedup=timing.speedups["student"],  # the median of per-round ratios, with its 10%-90% interval
+        )
         comparison["train_runtime_s"] = train_result.metrics.get("train_runtime")
         comparison["train_examples"] = len(train_dataset)
         if pruning_report is not None:

@@ -1,6 +1,9 @@
 """Progressive compression: prune the teacher, then distil it into a student that is pruned further while it learns.
 
-Three stages, each evaluated on the validation split and timed on the same batch:
+Three stages, each evaluated on the validation split, then timed together on the same batch with `compare_latency`
+(interleaved, one call of each model per round, so a change in machine load hits every stage alike; the speed-up over
+the teacher is the median of the per-round ratios, shown with the range 80% of the rounds fall in, and a warning is
+printed when the spread is too large to trust):
 
 1. **Prune the teacher, no training** (`--teacher_keep`, e.g. 0.6): Fisher importance of heads and FFN neurons on a few
    hundred training sentences, the least important removed, the rest rescaled by least squares (Kwon et al. 2022). On
@@ -41,11 +44,11 @@ from hf_compress import (
     DistillationTrainingArguments,
     GradualStructuredPruningCallback,
     PruningConfig,
+    compare_latency,
     compression_report,
     compute_classification_metrics,
     create_student,
     load_text_classification_dataset,
-    measure_latency,
     model_inputs,
     predict_logits,
     prune,
@@ -90,7 +93,11 @@ class ScriptArguments:
     )
     max_length: int = field(default=128, metadata={"help": "Truncate inputs to this length; FLOPs counted at it."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training examples."})
-    latency_repeats: int = field(default=10, metadata={"help": "Timed forward passes per model (median reported)."})
+    latency_repeats: int = field(
+        default=30,
+        metadata={"help": "Timed rounds (>= 2); each round runs every stage's model once, interleaved."},
+    )
+    latency_warmup: int = field(default=3, metadata={"help": "Untimed rounds before the timed ones."})
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -105,6 +112,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         save_strategy="no",
     )
     script_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if script_args.latency_repeats < 2 or script_args.latency_warmup < 0:
+        raise ValueError(
+            f"--latency_repeats {script_args.latency_repeats} --latency_warmup {script_args.latency_warmup}: the "
+            "speed-ups need at least 2 timed rounds and no negative warm-up; e.g. --latency_repeats 30."
+        )
     for name in ("teacher_keep", "final_keep", "prune_end"):
         if not 0 < getattr(script_args, name) <= 1:
             raise ValueError(f"--{name} {getattr(script_args, name)} must be in (0, 1].")
@@ -155,11 +167,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     reference_flops = summary(teacher).flops_per_token
     stages: list[dict] = []
+    models: dict[str, torch.nn.Module] = {}  # timed together at the end
 
     def record(stage: str, model: torch.nn.Module, seconds: float) -> None:
         logits, labels = predict_logits(model, eval_loader)
         accuracy = compute_classification_metrics(logits.argmax(-1).numpy(), labels.numpy(), ("accuracy",))["accuracy"]
-        timing = measure_latency(model, model_inputs(model, latency_batch), repeats=script_args.latency_repeats)
         size = summary(model)
         stages.append(
             {
@@ -167,10 +179,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "accuracy": accuracy,
                 "flops_kept": size.flops_per_token / reference_flops,
                 "parameters": size.parameters,
-                "latency_ms": timing["median_ms"],
                 "seconds": seconds,
             }
         )
+        models[stage] = model
         logger.info("%s: accuracy %.4f", stage, accuracy)
 
     record("teacher", teacher, 0.0)
@@ -219,15 +231,40 @@ def main(argv: list[str] | None = None) -> list[dict]:
     trainer.train()
     record("student pruned while distilling", trainer.model, time.perf_counter() - start)
 
+    #### Latency: every stage's model timed interleaved, relative to the teacher
+    inputs = latency_batch
+    for model in models.values():  # the inputs every model's forward takes
+        inputs = model_inputs(model, inputs)
+    timing = compare_latency(
+        models, inputs, rounds=script_args.latency_repeats, warmup=script_args.latency_warmup, reference="teacher"
+    )
+    for row in stages:
+        speedup = timing.speedups[row["stage"]]
+        row.update(
+            latency_ms=timing.stats[row["stage"]].median_ms,
+            speedup=speedup.median,
+            speedup_interval=[speedup.low, speedup.high],
+        )
+
     #### Report and save
     teacher_row = stages[0]
-    print(f"\n{'stage':<36}{'accuracy':>10}{'retained':>10}{'FLOPs':>8}{'params':>9}{'speed-up':>10}{'time':>8}")
+    print(
+        f"\n{'stage':<36}{'accuracy':>10}{'retained':>10}{'FLOPs':>8}{'params':>9}{'speed-up [10%-90%]':>22}"
+        f"{'time':>8}"
+    )
     for row in stages:
+        low, high = row["speedup_interval"]
+        speedup = f"{row['speedup']:.2f}x [{low:.2f}-{high:.2f}]"
         print(
             f"{row['stage']:<36}{row['accuracy']:>10.4f}{row['accuracy'] / teacher_row['accuracy']:>10.1%}"
-            f"{row['flops_kept']:>8.0%}{row['parameters'] / 1e6:>8.1f}M"
-            f"{teacher_row['latency_ms'] / row['latency_ms']:>9.2f}x{row['seconds']:>7.0f}s"
+            f"{row['flops_kept']:>8.0%}{row['parameters'] / 1e6:>8.1f}M{speedup:>22}{row['seconds']:>7.0f}s"
         )
+    print(
+        f"Latency: {timing.rounds} interleaved rounds after {timing.warmup} warm-up rounds, {timing.torch_threads} "
+        "torch threads; speed-up = median of the per-round ratios to the teacher."
+    )
+    for warning in timing.warnings:
+        print(f"WARNING: {warning}")
     trainer.save_model()
     output = Path(training_args.output_dir)
     (output / "stages.json").write_text(json.dumps(stages, indent=2) + "\n")

@@ -11,7 +11,7 @@ from conftest import tiny_model
 from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
-from hf_compress import HubUnreachableError, load_compressed
+from hf_compress import HubUnreachableError, compare_latency, device_name, load_compressed
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "distill_bert_sst2.py"
 PROGRESSIVE = EXAMPLE.parent / "progressive_compression.py"
@@ -71,14 +71,21 @@ def test_tiny_example_saves_student_comparison_and_card(workspace, student_type)
     for side in ("teacher", "student"):
         assert set(saved[side]["metrics"]) == {"accuracy", "f1"} and saved[side]["latency_ms"] > 0
     assert saved["student"]["parameters"] < saved["teacher"]["parameters"]
-    assert saved["speedup"] == pytest.approx(saved["teacher"]["latency_ms"] / saved["student"]["latency_ms"])
-    assert saved["latency"]["batch_size"] == 4 and saved["latency"]["sequence_length"] == 16
+    # Timed interleaved in one compare_latency run: the speed-up is the median of per-round ratios, with its interval.
+    low, high = saved["speedup_interval"]
+    assert low <= saved["speedup"] <= high
+    latency = saved["latency"]
+    assert (latency["method"], latency["rounds"], latency["warmup"]) == ("interleaved", 2, 3)
+    assert latency["batch_size"] == 4 and latency["sequence_length"] == 16
+    assert latency["device_name"] == device_name("cpu") and isinstance(latency["noisy"], bool)
 
     card = ModelCard.load(out / "README.md")
     assert "hf-compress" in card.data.tags and card.data.eval_results[0].metric_type == "accuracy"
     assert card.data.datasets is None and card.data.eval_results[0].dataset_type == "data"  # local data: no Hub id
     assert "- Temperature: 3" in card.text and "- Alpha: 0.7" in card.text
     assert "- Teacher layers kept: 0, 3" in card.text
+    assert f"{saved['speedup']:.2f}x faster ({low:.2f}-{high:.2f}x in 80% of rounds)" in card.text
+    assert "both models timed interleaved (one call of each per round, 2 rounds)" in card.text
 
     # The saved student is a stock checkpoint of the chosen family that a pipeline runs as is.
     student = AutoModelForSequenceClassification.from_pretrained(out)
@@ -90,6 +97,34 @@ def test_tiny_example_saves_student_comparison_and_card(workspace, student_type)
     assert classify("a good movie")[0]["label"] in {"negative", "positive"}
     if student_type == "distilbert":
         assert "token_type_ids" not in AutoTokenizer.from_pretrained(out)("a good movie")
+
+
+def test_example_times_both_models_interleaved_and_flags_a_noisy_run(workspace, monkeypatch, capsys):
+    example = _load_example()
+    calls = []
+
+    def noisy_compare_latency(models, inputs, **kwargs):
+        # The real measurement, reported as if the machine had been busy.
+        calls.append((list(models), kwargs))
+        result = compare_latency(models, inputs, **kwargs)
+        result.noisy, result.warnings = True, ["'teacher' is too noisy to trust: ..."]
+        return result
+
+    monkeypatch.setattr(example, "compare_latency", noisy_compare_latency)
+    comparison = example.main(_args(workspace, "--latency_repeats", "3", "--latency_warmup", "1"))
+    assert calls == [(["teacher", "student"], {"rounds": 3, "warmup": 1})]  # one run, both models
+    assert comparison["latency"]["noisy"] and comparison["latency"]["warnings"]
+    out = capsys.readouterr().out
+    assert "in 80% of rounds" in out and "WARNING: the latency spread is too large to trust the speed-up" in out
+    card = ModelCard.load(workspace / "out" / "README.md")
+    assert "**The timings were noisy**" in card.text
+    # A noisy speed-up is not claimed in the one-line summary, only in the table, qualified.
+    assert "x the speed" not in card.text.split("## Results")[0]
+
+
+def test_example_refuses_fewer_than_two_timed_rounds(workspace):
+    with pytest.raises(ValueError, match="at least 2 timed rounds"):
+        _load_example().main(_args(workspace, "--latency_repeats", "1"))
 
 
 def test_example_trains_the_student(workspace):
@@ -161,7 +196,7 @@ def _progressive_args(workspace, *extra):
     return [
         "--teacher", str(workspace / "teacher"), "--dataset", str(workspace / "data"),
         "--output_dir", str(workspace / "progressive"), "--max_steps", "4", "--per_device_train_batch_size", "4",
-        "--per_device_eval_batch_size", "4", "--max_length", "16", "--latency_repeats", "1",
+        "--per_device_eval_batch_size", "4", "--max_length", "16", "--latency_repeats", "2",
         "--calibration_samples", "8", "--prune_frequency", "1", "--use_cpu", "true", *extra,
     ]  # fmt: skip
 
@@ -180,6 +215,11 @@ def test_progressive_example_prunes_the_teacher_then_the_student_while_distillin
     assert teacher["flops_kept"] == 1.0
     assert pruned_teacher["flops_kept"] <= 0.6 and student["flops_kept"] <= 0.3
     assert student["parameters"] < pruned_teacher["parameters"] < teacher["parameters"]
+    # Every stage timed in one interleaved run, relative to the teacher.
+    assert teacher["speedup"] == 1.0 and teacher["speedup_interval"] == [1.0, 1.0]
+    for stage in stages:
+        low, high = stage["speedup_interval"]
+        assert stage["latency_ms"] > 0 and low <= stage["speedup"] <= high
     out = workspace / "progressive"
     assert json.loads((out / "stages.json").read_text()) == stages
     # The saved student is the final, smallest model: it loads with its per-layer structure.

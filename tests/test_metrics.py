@@ -83,7 +83,8 @@ def test_measure_latency_reports_median_and_restores_state():
     result = measure_latency(model, batch, warmup=1, repeats=3, threads=1)
     assert result["min_ms"] <= result["median_ms"] <= result["max_ms"] and result["median_ms"] > 0
     assert (result["repeats"], result["warmup"], result["torch_threads"]) == (3, 1, 1)
-    assert (result["device"], result["device_name"]) == ("cpu", "cpu")
+    # The processor's real name (what the model card shows), not the device type.
+    assert (result["device"], result["device_name"]) == ("cpu", device_name("cpu"))
     assert (result["batch_size"], result["sequence_length"]) == (2, 8)
     assert model.training and torch.get_num_threads() == previous_threads
     with pytest.raises(ValueError, match="repeats >= 1"):

@@ -163,3 +163,38 @@ def test_describe_model_of_an_unregistered_architecture_has_no_structure():
     assert set(description) == {"class", "model_type", "parameters", "size_bytes"}
     assert description["parameters"] == sum(p.numel() for p in model.parameters())
     assert description["size_bytes"] > 0
+
+
+def test_interleaved_latency_shows_its_interval_and_a_noisy_run_is_qualified(distilled):
+    _, student, comparison, folder = distilled
+    comparison["speedup"], comparison["speedup_interval"] = 2.4, [2.1, 2.9]
+    comparison["latency"].update(method="interleaved", rounds=30, warmup=3, noisy=False, max_relative_iqr=0.2)
+    card = create_model_card(folder, student, comparison=comparison, base_model=TEACHER_ID)
+    assert "| Latency per batch | 30.0 ms | 12.0 ms | 2.40x faster (2.10-2.90x in 80% of rounds) |" in card.text
+    assert "both models timed interleaved (one call of each per round, 30 rounds)" in card.text
+    assert "median of the per-round ratios" in card.text and "noisy" not in card.text
+    assert "2.40x the speed" in card.text.split("## Results")[0]
+
+    comparison["latency"]["noisy"] = True
+    card = create_model_card(folder, student, comparison=comparison, base_model=TEACHER_ID)
+    assert "**The timings were noisy**: the spread of the middle half of the rounds exceeded 20% of the median" in (
+        card.text
+    )
+    assert "x the speed" not in card.text.split("## Results")[0]  # not claimed in the summary line
+
+
+def test_onnx_files_inside_the_card_folder_are_listed_by_their_relative_path(distilled):
+    from test_hub import fake_export
+
+    _, student, comparison, folder = distilled
+    fake_export(folder / "exports" / "onnx", student, int8_diffs={})
+    card = create_model_card(folder, student, comparison=comparison, onnx_dir=folder / "exports" / "onnx")
+    assert "| `exports/onnx/model.onnx` | fp32 graph |" in card.text and "onnx" in card.data.tags
+    assert 'allow_patterns=["exports/onnx/*"]' in card.text
+
+
+def test_onnx_results_need_their_folder(distilled):
+    _, student, comparison, folder = distilled
+    with pytest.raises(ValueError, match="pass their folder as onnx_dir"):
+        create_model_card(folder, student, onnx_results={"model.onnx": {"accuracy": 0.9}})
+    assert not (folder / "README.md").exists()

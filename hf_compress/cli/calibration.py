@@ -1,4 +1,5 @@
-"""The calibration data of `hf-compress prune`: a sample of one split, its text and label columns, in batches.
+"""Calibration data: for `hf-compress prune`, a sample of one split with its text and label columns, in batches; for
+`hf-compress export --quantize static`, a sample of sentences (`calibration_texts`).
 
 The files and the Hub are read by `hf_compress.data` (the same reader as `load_text_classification_dataset`); what
 is particular to the command line is that a single file is a split of its own, and that every problem names this
@@ -111,3 +112,78 @@ def calibration_loader(
     # Similar lengths in a batch: dynamic padding then adds few pad tokens.
     encoded = encoded.map(lambda row: {"length": len(row["input_ids"])}).sort("length").remove_columns("length")
     return DataLoader(encoded, batch_size=args.batch_size, collate_fn=DataCollatorWithPadding(tokenizer))
+
+
+#### The calibration sentences of `hf-compress export --quantize static`
+
+# Data files read as tables (a text column); any other file is plain text, one sentence per line.
+_TABLE_SUFFIXES = (".tsv", ".csv", ".json", ".jsonl")
+
+
+def calibration_texts(args: argparse.Namespace) -> list[str]:
+    """Up to `--num-calibration` sentences of `--calibration-file`, sampled with `--seed`.
+
+    The file is plain text (one sentence per line, blank lines skipped), or a data file or folder as `hf-compress
+    prune --dataset` reads them (`.tsv` / `.csv` / `.json` / `.jsonl`, a folder with one file per split, `--split`
+    picking one), whose text column is detected or named with `--text-column`. Local files only: this runs before the
+    model is loaded, and the sentences only set activation ranges.
+    """
+    value = args.calibration_file
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise ValueError(
+            f"--calibration-file {value}: no such file or folder; pass a text file with one sentence per line, or a "
+            "data file or folder like `hf-compress prune --dataset` takes."
+        )
+    if path.is_file() and path.suffix.lower() not in _TABLE_SUFFIXES:
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise ValueError(
+                f"--calibration-file {value} is not a UTF-8 text file; pass one sentence per line, or a .tsv / .csv "
+                "/ .json / .jsonl data file."
+            ) from None
+        texts = [line.strip() for line in lines if line.strip()]
+        source = "lines"
+    else:
+        texts, source = _table_texts(args, path)
+    if not texts:
+        raise ValueError(
+            f"--calibration-file {value} holds no text; static quantization calibrates on real sentences of the task "
+            "(a few hundred)."
+        )
+    if args.num_calibration < len(texts):
+        texts = [texts[i] for i in sorted(random.Random(args.seed).sample(range(len(texts)), args.num_calibration))]
+    logger.info("Calibrating static int8 on %d %s of %s.", len(texts), source, value)
+    return texts
+
+
+def _table_texts(args: argparse.Namespace, path: Path) -> tuple[list[str], str]:
+    """The texts of one column of a data file, or of the `--split` file of a data folder."""
+    try:
+        # A folder: the --split file (load_local_splits raises, naming the expected files, when there is none).
+        dataset = read_data_file(path) if path.is_file() else load_local_splits(path, (args.split,))[args.split]
+    except ValueError as error:
+        raise ValueError(f"--calibration-file {error}") from None
+    columns = dataset.column_names
+    if args.text_column is not None:
+        if args.text_column not in columns:
+            raise ValueError(
+                f"--text-column {args.text_column}: {path} has no such column; its columns are {columns}."
+            )
+        column = args.text_column
+    else:
+        detected = detect_text_columns(columns)
+        if detected is None:
+            raise ValueError(
+                f"--calibration-file {path}: cannot tell which column holds the text; its columns are {columns}. "
+                "Name it with --text-column."
+            )
+        if len(detected) > 1:
+            raise ValueError(
+                f"--calibration-file {path} holds sentence pairs ({' and '.join(detected)}); static calibration "
+                "takes single texts. Name one column with --text-column."
+            )
+        column = detected[0]
+    texts = [text.strip() for text in dataset[column] if isinstance(text, str) and text.strip()]
+    return texts, f"'{column}' texts"

@@ -40,9 +40,22 @@ MAX_UNKNOWN_FRACTION = 0.5
 #### Outputs, paths and the plan, checked before anything is loaded
 
 
-def check_output_dir(args: argparse.Namespace, inputs: Mapping[str, str | None]) -> Path:
-    """The output folder, once it is clear that writing there loses nothing; `inputs` maps flags to input paths."""
+def check_output_dir(
+    args: argparse.Namespace,
+    inputs: Mapping[str, str | None],
+    marker: str = PLAN_FILE,
+    made: str = "pruned",
+) -> Path:
+    """The output folder, once it is clear that writing there loses nothing.
+
+    Args:
+        args: The command's arguments (`output_dir`, and `overwrite` when the command has that flag).
+        inputs: Flags -> input paths; the output may be none of them.
+        marker: The file that makes a folder a previous output of the command (replaced without `--overwrite`).
+        made: What the command writes, for the messages ("pruned", "ONNX").
+    """
     value = args.output_dir
+    can_overwrite = hasattr(args, "overwrite")
     output = Path(value).expanduser()
     resolved = output.resolve()
     for flag, source in inputs.items():
@@ -52,20 +65,23 @@ def check_output_dir(args: argparse.Namespace, inputs: Mapping[str, str | None])
             and Path(source).expanduser().resolve() == resolved
         ):
             raise ValueError(
-                f"--output-dir {value} is the {flag} folder: the pruned files would overwrite the original ones. "
-                f"Write to a new folder, e.g. --output-dir {output.name or 'model'}-pruned."
+                f"--output-dir {value} is the {flag} folder: the {made} files would mix with or overwrite the "
+                f"original ones. Write to a new folder, e.g. --output-dir {output.name or 'model'}-{made.lower()}."
             )
     if output.exists() and not output.is_dir():
         raise ValueError(
             f"--output-dir {value} is an existing file; name a new folder (or a previous output) instead."
         )
-    if output.is_dir() and not args.overwrite and not (output / PLAN_FILE).is_file():
+    if output.is_dir() and not getattr(args, "overwrite", False) and not (output / marker).is_file():
         contents = sorted(entry.name for entry in output.iterdir())
         if contents:
             shown = ", ".join(contents[:5]) + (", ..." if len(contents) > 5 else "")
+            fix = "name a new or empty folder" + (
+                ", or add --overwrite to write into it anyway" if can_overwrite else ""
+            )
             raise ValueError(
                 f"--output-dir {value} is a folder with other files in it ({shown}) and not a previous hf-compress "
-                f"output (no {PLAN_FILE}); name a new or empty folder, or add --overwrite to write into it anyway."
+                f"output (no {marker}); {fix}."
             )
     ancestor = resolved
     while not ancestor.exists():
@@ -110,10 +126,11 @@ def read_plan(value: str) -> dict[str, Any]:
 #### Model and tokenizer
 
 
-def load_model(value: str) -> PreTrainedModel:
-    """The `--model`, as `load_compressed` loads it, or a ValueError naming the flag."""
+def load_model(value: str, **kwargs: Any) -> PreTrainedModel:
+    """The `--model`, as `load_compressed` loads it (`kwargs`, e.g. `dtype`, passed on), or a ValueError naming the
+    flag."""
     try:
-        return load_compressed(value)
+        return load_compressed(value, **kwargs)
     except (OSError, ValueError) as error:
         raise ValueError(f"--model {value}: cannot load a model from it ({first_line(error)}).") from None
 

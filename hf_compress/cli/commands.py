@@ -1,4 +1,5 @@
-"""The `hf-compress` commands: `prune` (calibrate, prune, save with plan and report) and `apply-plan` (replay a plan).
+"""The `hf-compress` commands `prune` (calibrate, prune, save with plan and report) and `apply-plan` (replay a plan),
+and what every command shares (`quiet`, `CommandFailed`); `export` and `inspect` live in `export.py` and `describe.py`.
 
 Both run every check of `hf_compress.cli.checks` before loading anything heavy, and print their result summary.
 """
@@ -28,16 +29,20 @@ def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out
         tokenizer.save_pretrained(output_dir)
 
 
+class CommandFailed(Exception):
+    """The work itself failed (not a refused input): `hf_compress.cli.main` prints the message and exits with 1."""
+
+
 @contextlib.contextmanager
-def _quiet(logger_name: str) -> Iterator[None]:
-    """Hide a logger's INFO lines for a while (the command prints the same summary itself)."""
+def quiet(logger_name: str, level: int = logging.WARNING) -> Iterator[None]:
+    """Hide a logger's lines below `level` for a while (the command prints the same summary itself)."""
     quieted = logging.get_logger(logger_name)
-    level = quieted.level
-    quieted.setLevel(logging.WARNING)
+    previous = quieted.level
+    quieted.setLevel(level)
     try:
         yield
     finally:
-        quieted.setLevel(level)
+        quieted.setLevel(previous)
 
 
 def run_prune(args: argparse.Namespace, argv: Sequence[str]) -> None:
@@ -62,7 +67,7 @@ def run_prune(args: argparse.Namespace, argv: Sequence[str]) -> None:
             "with: pass it with --tokenizer (a folder or Hub id, e.g. the checkpoint the model was fine-tuned from)."
         )
     calibration = calibration_loader(args, tokenizer, model)
-    with _quiet(prune.__module__):  # `prune` logs the summary line that `print(report)` below starts with
+    with quiet(prune.__module__):  # `prune` logs the summary line that `print(report)` below starts with
         report = prune(model, config, dataloader=calibration)
     _save(model, tokenizer, output_dir)
     save_plan(report.plan, output_dir / PLAN_FILE)

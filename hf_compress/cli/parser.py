@@ -1,7 +1,9 @@
-"""The `hf-compress` argument parser: the `prune` and `apply-plan` commands, one flag per `PruningConfig` field.
+"""The `hf-compress` argument parser: `prune` (one flag per `PruningConfig` field), `apply-plan`, `export` (ONNX)
+and `inspect`.
 
 The pruning flags are generated from the `PruningConfig` dataclass (name, type, default and help text), so a new or
-renamed field is a new or renamed flag with nothing to change here.
+renamed field is a new or renamed flag with nothing to change here. `export` and `inspect` import nothing of ONNX:
+`--help` works without the `onnx` extra.
 """
 
 from __future__ import annotations
@@ -14,6 +16,11 @@ from typing import Any
 
 from ..pruning.config import PruningConfig
 
+# The ONNX exporter's lowest opset (`hf_compress.deploy.onnx_export.DEFAULT_OPSET`; not imported, so that `--help`
+# does not load torch.onnx).
+MIN_OPSET = 18
+QUANTIZE_MODES = ("dynamic", "static")
+
 
 def _positive_int(value: str) -> int:
     """An `int` >= 1, for counts and sizes."""
@@ -23,6 +30,19 @@ def _positive_int(value: str) -> int:
         number = 0
     if number < 1:
         raise argparse.ArgumentTypeError(f"{value!r} is not a positive integer; give a whole number >= 1.")
+    return number
+
+
+def _opset(value: str) -> int:
+    """An ONNX opset the dynamo exporter writes (>= 18)."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < MIN_OPSET:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not an opset the exporter writes; give {MIN_OPSET} (the default) or newer."
+        )
     return number
 
 
@@ -88,7 +108,7 @@ _OVERWRITE_HELP = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `hf-compress` argument parser, with the `prune` and `apply-plan` commands."""
+    """The `hf-compress` argument parser, with the `prune`, `apply-plan`, `export` and `inspect` commands."""
     parser = argparse.ArgumentParser(
         prog="hf-compress", description="Distillation and structured pruning for Hugging Face transformers."
     )
@@ -165,4 +185,97 @@ def build_parser() -> argparse.ArgumentParser:
         "output.",
     )
     plan_parser.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+    _add_export_parser(commands)
+    _add_inspect_parser(commands)
     return parser
+
+
+def _add_export_parser(commands: argparse._SubParsersAction) -> None:
+    export_parser = commands.add_parser(
+        "export",
+        help="Export a model (pruned, distilled or stock) to ONNX, optionally with int8 copies.",
+        description="Write an ONNX Runtime folder (model.onnx with dynamic batch and sequence axes, config.json, the "
+        "tokenizer, onnx_export.json) with hf_compress.export_onnx, and print each graph's largest difference from "
+        "PyTorch on padded batches of other shapes. With --quantize, also int8 graphs: dynamic (no data needed) "
+        "and/or static (activation scales calibrated on --calibration-file). All inputs are checked before any "
+        "work: an --output-dir that is the --model folder, an existing file or a folder with other files in it, a "
+        "--calibration-file without --quantize static (or the reverse), and a tokenizer that cannot encode the "
+        "calibration text are refused.",
+    )
+    export_parser.add_argument(
+        "--model", required=True, help="Model folder or Hub id: any checkpoint hf-compress writes, or a stock one."
+    )
+    export_parser.add_argument(
+        "--output-dir",
+        required=True,
+        help="Where the ONNX files go: a new or empty folder, or a previous export (it holds onnx_export.json), "
+        "whose graphs are replaced.",
+    )
+    export_parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help=_TOKENIZER_HELP + " It is saved beside the graphs and encodes the --calibration-file. Without a usable "
+        "one (and without --quantize static) the folder is written without a tokenizer, and the command says so.",
+    )
+    export_parser.add_argument(
+        "--quantize",
+        nargs="+",
+        choices=QUANTIZE_MODES,
+        default=None,
+        help="Also write int8 graphs: 'dynamic' (model_int8_dynamic.onnx, activations quantized per batch, no data "
+        "needed) and/or 'static' (model_int8_static.onnx, calibrated activation scales; needs --calibration-file).",
+    )
+    export_parser.add_argument(
+        "--calibration-file",
+        default=None,
+        help="Sentences for --quantize static: a text file with one sentence per line, or a local data file "
+        "(.tsv/.csv/.json/.jsonl) or folder with one file per split, like `hf-compress prune --dataset`. Use the "
+        "task's own text.",
+    )
+    export_parser.add_argument(
+        "--text-column",
+        default=None,
+        help="The text column of a --calibration-file data file (default: the first of sentence, text that it has).",
+    )
+    export_parser.add_argument(
+        "--split", default="train", help="The split of a --calibration-file folder to read (default: train)."
+    )
+    export_parser.add_argument(
+        "--num-calibration",
+        type=_positive_int,
+        default=256,
+        help="Calibration sentences, sampled from --calibration-file with --seed, >= 1 (default: 256).",
+    )
+    export_parser.add_argument("--seed", type=int, default=0, help="Seed of the calibration sample.")
+    export_parser.add_argument(
+        "--opset", type=_opset, default=MIN_OPSET, help=f"ONNX opset, >= {MIN_OPSET} (default: {MIN_OPSET})."
+    )
+    export_parser.add_argument(
+        "--max-length",
+        type=_positive_int,
+        default=128,
+        help="Truncate calibration sentences to this many tokens (default: 128). The graph itself takes any length "
+        "up to the model's position embeddings.",
+    )
+
+
+def _add_inspect_parser(commands: argparse._SubParsersAction) -> None:
+    inspect_parser = commands.add_parser(
+        "inspect",
+        help="Describe a model: architecture, heads and FFN widths per layer, parameters, FLOPs, sparsity.",
+        description="Describe a checkpoint: its class and model_type, the attention heads and FFN neurons of each "
+        "layer, parameters and size, encoder FLOPs at --seq-len tokens, sparsity (the share of exact zeros in the "
+        "encoder's linear weights) and whether stock transformers needs trust_remote_code to load it. For a folder "
+        "holding .onnx files (an `hf-compress export` output) or a .onnx file: each graph's inputs, outputs, opset, "
+        "size and int8 operators, and what the export recorded.",
+    )
+    inspect_parser.add_argument(
+        "model", metavar="MODEL", help="A model folder, a Hub id, an ONNX folder or a .onnx file."
+    )
+    inspect_parser.add_argument(
+        "--seq-len",
+        type=_positive_int,
+        default=128,
+        help="Sequence length the encoder FLOPs are counted at (default: 128).",
+    )
+    inspect_parser.add_argument("--json", action="store_true", help="Print the description as JSON.")

@@ -1,7 +1,7 @@
 """Deployment: loading compressed checkpoints, int8, latency, model cards and the Hub."""
 
 from .checkpoint import from_pretrained_compressed, load_compressed
-from .comparison import build_comparison, describe_model
+from .comparison import build_comparison, describe_latency, describe_model
 from .hub import push_compressed_to_hub
 from .latency import device_name, measure_latency
 from .latency_compare import LatencyComparison, compare_latency
@@ -18,6 +18,7 @@ __all__ = [
     "build_comparison",
     "compare_latency",
     "create_model_card",
+    "describe_latency",
     "describe_model",
     "device_name",
     "export_onnx",

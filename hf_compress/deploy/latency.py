@@ -1,5 +1,9 @@
 """Measure a model's forward latency the same way everywhere: warm-up, synchronised timing, median of repeats.
 
+To compare models (a teacher and its student, PyTorch and ONNX Runtime), time them together with
+`hf_compress.deploy.latency_compare.compare_latency`, which interleaves them: timed one after the other, a change in
+machine load lands on one model only. `measure_latency` times one model.
+
 A single timing of a forward pass is noisy (first-call allocations, lazy kernel selection, other processes on the
 cores), so `measure_latency` discards warm-up calls, times each repeat between CUDA synchronisations when the model is
 on a GPU, and reports the median beside the spread. The torch thread count is part of the result because CPU numbers
@@ -70,7 +74,8 @@ def measure_latency(
 
     Returns:
         A dict with `median_ms`, `mean_ms`, `min_ms`, `max_ms`, `stdev_ms` (per forward call), `repeats`, `warmup`,
-        `device` (e.g. `"cpu"`, `"cuda:0"`), `device_name` (the GPU's name or `"cpu"`), `torch_threads`, and
+        `device` (e.g. `"cpu"`, `"cuda:0"`), `device_name` (`device_name(device)`: the GPU's name, or the CPU's model
+        name such as `"AMD EPYC 7R13 Processor"`), `torch_threads`, and
         `batch_size`/`sequence_length` when `input_ids` is among the inputs.
 
     Raises:
@@ -115,7 +120,7 @@ def measure_latency(
         "repeats": repeats,
         "warmup": warmup,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device_name": device_name(device),
         "torch_threads": used_threads,
     }
     input_ids = inputs.get("input_ids")

@@ -22,6 +22,7 @@ same rules when the card is uploaded.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -35,11 +36,14 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import PreTrainedModel
 
+from ..architectures import supported_model_types
 from ..report import format_bytes
+from ..structure import get_structure, stock_class
 from .comparison import COMPARISON_FILE, describe_model
+from .onnx_runtime import DYNAMIC_INT8_FILE, EXPORT_INFO_FILE, ONNX_FILE, STATIC_INT8_FILE
 
 # COMPARISON_FILE lives in `comparison`; it is also importable from here, where the card's callers look for it.
-__all__ = ["COMPARISON_FILE", "TEMPLATE_PATH", "create_model_card"]
+__all__ = ["COMPARISON_FILE", "ONNX_FILE_DESCRIPTIONS", "TEMPLATE_PATH", "create_model_card", "read_onnx_export"]
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
 _START, _END = "<!-- hf-compress:card:start", "<!-- hf-compress:card:end -->"
@@ -51,6 +55,16 @@ _TASK_NAMES = {
     "multiple-choice": "Multiple Choice",
     "feature-extraction": "Feature Extraction",
 }
+# What each graph of an `export_onnx` folder is (the card's ONNX table, `hf-compress export`'s summary).
+ONNX_FILE_DESCRIPTIONS = {
+    ONNX_FILE: "fp32 graph",
+    DYNAMIC_INT8_FILE: "int8, dynamic quantization (int8 weights, activations quantized per batch)",
+    STATIC_INT8_FILE: "int8, static quantization (int8 weights and activations, activation scales calibrated on "
+    "sample text)",
+}
+# Where `push_compressed_to_hub` puts the ONNX files in the repository, and the card's paths when `onnx_dir` is not
+# inside the card's folder.
+ONNX_SUBFOLDER = "onnx"
 _AUTO_CLASSES = {
     "ForSequenceClassification": ("AutoModelForSequenceClassification", "text-classification"),
     "ForTokenClassification": ("AutoModelForTokenClassification", "token-classification"),
@@ -80,6 +94,9 @@ def create_model_card(
     license: str | None = None,
     tags: Sequence[str] | None = None,
     intended_use: str | None = None,
+    onnx_dir: str | os.PathLike | None = None,
+    onnx_results: Mapping[str, Mapping[str, float]] | None = None,
+    onnx_latency: Mapping[str, Any] | None = None,
     template_path: str | os.PathLike | None = None,
 ) -> ModelCard | None:
     """Write (or update) `output_dir/README.md`: a model card for a compressed model, filled from the run.
@@ -103,13 +120,25 @@ def create_model_card(
         language, license: Card metadata.
         tags: Extra tags; `hf-compress` and `distillation`/`pruning` are always added.
         intended_use: A paragraph on intended use; a default derived from the task and teacher otherwise.
+        onnx_dir: A folder written by `export_onnx` whose graphs the card lists (file, what it is, size, largest
+            difference from PyTorch measured at export) with a snippet to run them. Paths are shown relative to
+            `output_dir` when the folder is inside it, otherwise under `onnx/` (where `push_compressed_to_hub` uploads
+            them). Adds the `onnx` tag.
+        onnx_results: What you measured per graph, e.g. `{"model.onnx": {"accuracy": 0.91, "latency_ms": 8.2},
+            "model_int8_dynamic.onnx": {"accuracy": 0.90, "latency_ms": 3.1}}`: metric names (shown to 4 decimals),
+            `latency_ms` (median per batch) and `speedup` (e.g. `compare_latency(...).speedups[name].median`). Only
+            what is given is shown; a graph without a number gets "not measured".
+        onnx_latency: How the ONNX latencies were measured (`describe_latency(result, inputs)` of the
+            `compare_latency` run, or a mapping with `batch_size`, `sequence_length`, `device_name`, `torch_threads`
+            / `threads`), for the sentence under the table.
         template_path: Another Jinja template; default `hf_compress/deploy/templates/model_card.md`.
 
     Returns:
         The written `ModelCard`, or `None` on a non-main process.
 
     Raises:
-        ValueError: if the resulting metadata does not parse back (e.g. a malformed result).
+        ValueError: if the resulting metadata does not parse back (e.g. a malformed result), or for `onnx_dir` /
+            `onnx_results` that do not describe an export (no `onnx_export.json`, results for files it lacks).
 
     Example:
         ```python
@@ -139,13 +168,14 @@ def create_model_card(
     structure = describe_model(model, measure_size=False).get("structure") if model is not None else None
     structure = structure or student.get("structure")
 
+    onnx = _onnx_section(output_dir, onnx_dir, onnx_results, onnx_latency, repo_id or model_name)
     methods = [name for name, settings in (("distillation", distillation), ("pruning", pruning)) if settings]
     metrics = student.get("metrics", {})
     card_data = ModelCardData(
         language=language,
         license=license,
         library_name="transformers",
-        tags=_unique(["hf-compress", *methods, *(tags or [])]),
+        tags=_unique(["hf-compress", *methods, *(["onnx"] if onnx else []), *(tags or [])]),
         base_model=base_model if _is_hub_id(base_model) else None,
         datasets=[dataset] if dataset else None,
         metrics=list(metrics) or None,
@@ -179,6 +209,7 @@ def create_model_card(
         dataset_description=dataset_description,
         intended_use=intended_use or _default_intended_use(task, base_model),
         versions=_versions(),
+        onnx=onnx,
     )
     # Optional sections leave runs of blank lines behind; Markdown renders one the same.
     card.text = re.sub(r"\n{3,}", "\n\n", card.text)
@@ -232,6 +263,161 @@ def _merge_with_existing(card: ModelCard, path: Path) -> ModelCard:
     else:
         body = f"\n{section}\n\n{text.lstrip()}"
     return ModelCard(f"---\n{ModelCardData(**metadata).to_yaml()}\n---\n{body}")
+
+
+#### ONNX files
+
+
+def read_onnx_export(
+    onnx_dir: str | os.PathLike, model: PreTrainedModel | None = None, name: str = "onnx_dir"
+) -> tuple[dict[str, Any], list[Path]]:
+    """What `export_onnx` recorded in a folder (`onnx_export.json`) and its graphs (`model*.onnx`), checked.
+
+    Args:
+        onnx_dir: The export folder.
+        model: When given, the export must be of this model: the same architecture and, for a registered one, the
+            same heads and FFN neurons per layer (the weights themselves are not compared).
+        name: The argument's name, for the messages.
+
+    Raises:
+        ValueError: for a folder without `onnx_export.json` or `model.onnx`, or the export of another model.
+    """
+    folder = Path(onnx_dir)
+    info_path = folder / EXPORT_INFO_FILE
+    if not folder.is_dir() or not info_path.is_file() or not (folder / ONNX_FILE).is_file():
+        raise ValueError(
+            f"{name}={os.fspath(onnx_dir)!r} is not an ONNX export (a folder with {ONNX_FILE} and "
+            f"{EXPORT_INFO_FILE}); write one with `export_onnx(model, folder)` or `hf-compress export`."
+        )
+    info = json.loads(info_path.read_text())
+    if model is not None:
+        architecture = stock_class(type(model)).__name__
+        if info.get("architecture") not in (None, architecture):
+            raise ValueError(
+                f"{name}={os.fspath(onnx_dir)!r} holds an export of a {info['architecture']}, not of this "
+                f"{architecture}; export this model (`export_onnx(model, folder)`) and pass that folder."
+            )
+        exported = info.get("structure")
+        if exported is not None and model.config.model_type in supported_model_types():
+            structure = get_structure(model).to_dict()
+            if exported != structure:
+                raise ValueError(
+                    f"{name}={os.fspath(onnx_dir)!r} holds an export of another model: its heads per layer "
+                    f"{exported.get('heads')} and FFN neurons {exported.get('ffn')} are not this model's "
+                    f"{structure['heads']} and {structure['ffn']}. Export this model again and pass that folder."
+                )
+    graphs = sorted(folder.glob("model*.onnx"), key=lambda path: (path.name != ONNX_FILE, path.name))
+    return info, graphs
+
+
+def _onnx_section(
+    output_dir: Path,
+    onnx_dir: str | os.PathLike | None,
+    results: Mapping[str, Mapping[str, float]] | None,
+    latency: Mapping[str, Any] | None,
+    repo_id: str,
+) -> dict[str, Any] | None:
+    """The template's `onnx` variable: the graphs' table, the notes under it and the snippet's values."""
+    if onnx_dir is None:
+        if results or latency:
+            raise ValueError("onnx_results and onnx_latency describe ONNX files: pass their folder as onnx_dir too.")
+        return None
+    info, graphs = read_onnx_export(onnx_dir)
+    names = [graph.name for graph in graphs]
+    results = {Path(file).name: dict(values) for file, values in (results or {}).items()}
+    unknown = sorted(set(results) - set(names))
+    if unknown:
+        raise ValueError(f"onnx_results names {unknown}, which {os.fspath(onnx_dir)!r} does not hold; it has {names}.")
+    for file, values in results.items():
+        bad = {
+            key: value
+            for key, value in values.items()
+            if isinstance(value, bool) or not isinstance(value, (int, float))
+        }
+        if bad:
+            raise ValueError(f"onnx_results[{file!r}] has values that are not numbers: {bad}.")
+    metric_names = _unique(
+        [key for values in results.values() for key in values if key not in ("latency_ms", "speedup")]
+    )
+    has_latency = any("latency_ms" in values for values in results.values())
+    has_speedup = any("speedup" in values for values in results.values())
+    columns = [name.replace("_", " ").capitalize() for name in metric_names]
+    columns += ["Latency per batch"] * has_latency + ["Speed-up"] * has_speedup
+
+    folder = Path(onnx_dir).resolve()
+    try:
+        prefix = folder.relative_to(output_dir.resolve()).as_posix()
+    except ValueError:
+        prefix = ONNX_SUBFOLDER
+    prefix = "" if prefix == "." else prefix
+    int8_diffs = info.get("int8_max_abs_diff") or {}
+    diffs = {ONNX_FILE: info.get("max_abs_diff"), DYNAMIC_INT8_FILE: int8_diffs.get("dynamic")}
+    diffs[STATIC_INT8_FILE] = int8_diffs.get("static")
+    rows = []
+    for graph in graphs:
+        measured = results.get(graph.name, {})
+        cells = [f"{measured[name]:.4f}" if name in measured else "not measured" for name in metric_names]
+        if has_latency:
+            cells.append(f"{measured['latency_ms']:.1f} ms" if "latency_ms" in measured else "not measured")
+        if has_speedup:
+            cells.append(f"{measured['speedup']:.2f}x" if "speedup" in measured else "not measured")
+        data = graph.with_name(graph.name + ".data")
+        diff = diffs.get(graph.name)
+        rows.append(
+            {
+                "path": f"{prefix}/{graph.name}" if prefix else graph.name,
+                "what": ONNX_FILE_DESCRIPTIONS.get(graph.name, "ONNX graph"),
+                "size": format_bytes(graph.stat().st_size + (data.stat().st_size if data.is_file() else 0)),
+                "diff": "not measured" if diff is None else f"{diff:.1e}",
+                "cells": cells,
+            }
+        )
+    inputs, outputs = info.get("inputs") or [], info.get("outputs") or []
+    export_line = ", ".join(
+        part
+        for part in (
+            f"`{info['exporter']}`" if info.get("exporter") else "",
+            f"opset {info['opset']}" if info.get("opset") else "",
+            f"torch {info['torch_version']}" if info.get("torch_version") else "",
+        )
+        if part
+    )
+    example = DYNAMIC_INT8_FILE if DYNAMIC_INT8_FILE in names else ONNX_FILE
+    return {
+        "folder": prefix,
+        "patterns": f"{prefix}/*" if prefix else "*",
+        "path_expression": f'f"{{folder}}/{prefix}"' if prefix else "folder",
+        "export_line": export_line,
+        "columns": columns,
+        "rows": rows,
+        "latency_sentence": _onnx_latency_sentence(latency) if has_latency else "",
+        "example_file": example,
+        "inputs": ", ".join(f"`{name}`" for name in inputs),
+        "outputs": ", ".join(f"`{name}`" for name in outputs),
+        "repo_id": repo_id,
+    }
+
+
+def _onnx_latency_sentence(latency: Mapping[str, Any] | None) -> str:
+    """How the ONNX latencies were measured, from what was recorded (nothing is assumed)."""
+    if not latency:
+        return "Latency is the median time per batch as measured by the uploader; the setting was not recorded."
+    text = "Latency is the median time per batch"
+    batch, length = latency.get("batch_size"), latency.get("sequence_length")
+    if batch is not None and length is not None:
+        text += f" of {batch} sequences of {length} tokens"
+    device = latency.get("device_name") or latency.get("device")
+    if device:
+        text += f" on {device}"
+    threads = latency.get("threads") or latency.get("torch_threads")
+    if threads:
+        text += f" with {threads} threads"
+    if latency.get("method") == "interleaved" and latency.get("rounds"):
+        text += f", the graphs timed interleaved over {latency['rounds']} rounds"
+    text += "."
+    if latency.get("noisy"):
+        text += " The timings were noisy (the spread of some exceeded the threshold); treat the differences as rough."
+    return text
 
 
 #### Text helpers
@@ -307,14 +493,17 @@ def _comparison_rows(comparison: Mapping[str, Any]) -> list[dict[str, str]]:
                 }
             )
     if model.get("latency_ms") is not None:
-        speedup = comparison.get("speedup")
+        speedup, interval = comparison.get("speedup"), comparison.get("speedup_interval")
         reference_latency = reference.get("latency_ms")
+        change = "" if speedup is None else f"{speedup:.2f}x faster"
+        if speedup is not None and interval:
+            change += f" ({interval[0]:.2f}-{interval[1]:.2f}x in 80% of rounds)"
         rows.append(
             {
                 "quantity": "Latency per batch",
                 "reference": "" if reference_latency is None else f"{reference_latency:.1f} ms",
                 "model": f"{model['latency_ms']:.1f} ms",
-                "change": "" if speedup is None else f"{speedup:.2f}x faster",
+                "change": change,
             }
         )
     return rows
@@ -356,7 +545,7 @@ def _summary(
     parameter_ratio, speedup = comparison.get("parameter_ratio"), comparison.get("speedup")
     if parameter_ratio:
         facts.append(f"{parameter_ratio:.0%} of the parameters")
-    if speedup:
+    if speedup and not comparison.get("latency", {}).get("noisy"):  # a noisy speed-up is only in the table, qualified
         device = comparison.get("latency", {}).get("device_name") or comparison.get("latency", {}).get("device")
         facts.append(f"{speedup:.2f}x the speed" + (f" on {device}" if device else ""))
     for name, retained in comparison.get("metrics_retained", {}).items():
@@ -394,7 +583,22 @@ def _latency_sentence(comparison: Mapping[str, Any]) -> str:
         text += f" on {device}"
     if latency.get("torch_threads"):
         text += f" with {latency['torch_threads']} torch threads"
-    return text + ", measured in the same run for both models."
+    if latency.get("method") != "interleaved":
+        return text + ", measured in the same run for both models."
+    text += (
+        f", both models timed interleaved (one call of each per round, {latency['rounds']} rounds)"
+        if latency.get("rounds")
+        else ", both models timed interleaved (one call of each per round)"
+    )
+    text += "; the speed-up is the median of the per-round ratios."
+    if latency.get("noisy"):
+        threshold = latency.get("max_relative_iqr")
+        text += (
+            " **The timings were noisy**: the spread of the middle half of the rounds exceeded "
+            + (f"{threshold:.0%} of the median" if threshold is not None else "the threshold")
+            + ", so the speed-up is rough; re-measure on an idle machine."
+        )
+    return text
 
 
 def _default_intended_use(task: str, base_model: str | None) -> str:
