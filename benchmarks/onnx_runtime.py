@@ -7,7 +7,8 @@ The teacher and copies of it pruned without training (`prune`: Fisher scores and
 PyTorch dynamic int8 (`quantize_dynamic_int8`), and ONNX Runtime fp32, dynamic int8 and static int8 (`export_onnx`,
 calibrated on the same training sentences). Accuracy is measured on the whole validation split; latency with
 `compare_latency`, every model interleaved in one run against the PyTorch fp32 teacher, at a batch of 32 x 128 tokens
-and at batch 1 over `--num-real` validation sentences at their own lengths (the serving case). Writes
+and at batch 1 over `--num-real` validation sentences at their own lengths (the serving case). ONNX Runtime's threads
+do not spin between runs (`spinning=False`): spinning would steal the cores from the models timed next. Writes
 `--output` (JSON) and prints a table.
 """
 
@@ -144,7 +145,7 @@ def main() -> None:
         }
         runtimes = {"pytorch-fp32": model, "pytorch-int8": quantize_dynamic_int8(model)}
         for runtime, file_name in ONNX_FILES.items():
-            runtimes[runtime] = OnnxModel(folder, file_name=file_name, threads=args.threads)
+            runtimes[runtime] = OnnxModel(folder, file_name=file_name, threads=args.threads, spinning=False)
         for runtime, runnable in runtimes.items():
             run = onnx_runner(runnable) if isinstance(runnable, OnnxModel) else torch_runner(runnable)
             variants[name]["accuracy"][runtime] = accuracy(run, tokenizer, sentences, labels)

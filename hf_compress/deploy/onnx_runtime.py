@@ -48,13 +48,22 @@ def find_tokenizer(folder: str | os.PathLike) -> PreTrainedTokenizerBase | None:
     return AutoTokenizer.from_pretrained(folder)
 
 
-def ort_session(path: str | os.PathLike, threads: int | None = None, providers: Sequence[str] | None = None):
+def ort_session(
+    path: str | os.PathLike,
+    threads: int | None = None,
+    providers: Sequence[str] | None = None,
+    spinning: bool = True,
+):
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if not spinning:
+        # ONNX Runtime's worker threads busy-wait for more work after each run; beside other models on the same cores
+        # (an interleaved timing), that spinning steals their CPU time.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return onnxruntime.InferenceSession(
         os.fspath(path), options, providers=list(providers or ["CPUExecutionProvider"])
     )
@@ -86,6 +95,8 @@ class OnnxModel:
         file_name: Which graph of the folder: `"model.onnx"` (default), `"model_int8_dynamic.onnx"`, ...
         threads: ONNX Runtime intra-op threads; `None` lets it choose (all cores).
         providers: Execution providers; CPU by default.
+        spinning: Let ONNX Runtime's threads busy-wait between runs (its default: lowest latency when this model
+            has the cores to itself). Turn it off when other models share the cores, e.g. in `compare_latency`.
 
     Attributes:
         session: The `onnxruntime.InferenceSession`.
@@ -108,6 +119,7 @@ class OnnxModel:
         *,
         threads: int | None = None,
         providers: Sequence[str] | None = None,
+        spinning: bool = True,
     ):
         require_onnx()
         path = Path(path)
@@ -115,7 +127,7 @@ class OnnxModel:
         if not model_file.is_file():
             raise ValueError(f"No ONNX graph at {os.fspath(model_file)!r}; export one with export_onnx.")
         self.path = model_file
-        self.session = ort_session(model_file, threads=threads, providers=providers)
+        self.session = ort_session(model_file, threads=threads, providers=providers, spinning=spinning)
         self.input_names = [node.name for node in self.session.get_inputs()]
         self.output_names = [node.name for node in self.session.get_outputs()]
         self.config = AutoConfig.from_pretrained(folder) if (folder / "config.json").is_file() else None
