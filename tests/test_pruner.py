@@ -206,7 +206,7 @@ def test_failures_leave_the_model_untouched():
     [
         ({"keep": 0}, r"keep=0 must be in \(0, 1\]"),
         ({"keep": 1.5}, r"keep=1.5"),
-        ({"target": "latency"}, "'latency' is not supported; choose one of flops, params, ratios"),
+        ({"target": "time"}, "'time' is not supported; choose one of flops, params, ratios, latency"),
         ({"importance": "l1"}, "importance='l1'"),
         ({"scope": "model"}, "scope='model'"),
         ({"head_ratio": 0.5}, "only applies with target='ratios'"),

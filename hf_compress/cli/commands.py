@@ -17,6 +17,7 @@ from transformers.utils import logging
 
 from ..data import require_hub_or_local
 from ..pruning import PruningConfig, apply_plan, prune, save_plan
+from ..pruning.constants import LATENCY_TABLE_NAME
 from .calibration import calibration_loader
 from .checks import PLAN_FILE, REPORT_FILE, check_local_path, check_output_dir, load_model, load_tokenizer, read_plan
 
@@ -72,6 +73,9 @@ def run_prune(args: argparse.Namespace, argv: Sequence[str]) -> None:
     _save(model, tokenizer, output_dir)
     save_plan(report.plan, output_dir / PLAN_FILE)
     report.save(output_dir / REPORT_FILE)
+    if report.latency_table is not None and config.latency_table is None:
+        # The table measured for this run: pass it back with --latency-table to prune again without measuring.
+        report.latency_table.save(output_dir / LATENCY_TABLE_NAME)
     print(report)
     print(f"\nSaved the pruned model, its tokenizer, {PLAN_FILE} and {REPORT_FILE} to {output_dir}")
 

@@ -21,35 +21,14 @@ Example:
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 from torch import nn
 
-
-def device_name(device: torch.device | str = "cpu") -> str:
-    """What a timing ran on, for a report: the GPU's name for a CUDA device, otherwise the CPU's model name.
-
-    Example:
-        ```python
-        >>> device_name("cpu")
-        'AMD EPYC 7R13 Processor'
-        ```
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():  # Linux
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:  # no /proc (macOS, Windows)
-        pass
-    return platform.processor() or "cpu"
+from ..devices import device_name
 
 
 def measure_latency(

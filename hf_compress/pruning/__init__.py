@@ -1,7 +1,13 @@
-"""Pruning: structural edits, importance scores, the budgeted search and rescaling, callbacks, unstructured sparsity."""
+"""Pruning: structural edits, importance scores, the budgeted search and rescaling, callbacks, unstructured sparsity.
+
+Budgets of FLOPs, parameters or unit fractions are searched in `search.py`; a budget of measured latency
+(`target="latency"`) uses a latency table (`latency_table.py`: measured per device, thread count and shape, saved as
+JSON) and its own search over layer shapes (`latency_search.py`).
+"""
 
 from .config import PruningConfig
 from .importance import ImportanceScores, compute_importance, compute_layer_importance
+from .latency_table import LatencyKey, LatencyTable, measure_latency_table
 from .magnitude_callback import GradualMagnitudePruningCallback
 from .pruner import PruningReport, apply_plan, load_plan, make_plan, prune, save_plan
 from .rescale import fit_rescale
@@ -16,6 +22,8 @@ __all__ = [
     "GradualMagnitudePruningCallback",
     "GradualStructuredPruningCallback",
     "ImportanceScores",
+    "LatencyKey",
+    "LatencyTable",
     "PruningConfig",
     "PruningReport",
     "Selection",
@@ -30,6 +38,7 @@ __all__ = [
     "magnitude_prune",
     "make_permanent",
     "make_plan",
+    "measure_latency_table",
     "prune",
     "prune_ffn_neurons",
     "prune_heads",

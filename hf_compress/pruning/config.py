@@ -31,19 +31,30 @@ _FRACTIONS = {
 class PruningConfig:
     """What `prune` (and `GradualStructuredPruningCallback`) should remove.
 
-    The budget counts the *prunable* cost of the encoder layers: attention heads (their q/k/v/output projection
-    weights and, for FLOPs, their attention-score computation at `seq_len` tokens) and FFN neurons (up and down
-    projection weights). Embeddings, layer norms and the task head are not pruned and not counted. Budgets are met from
-    below, within one unit: the kept cost is at most the target and less than one head or neuron (one `round_to` block
-    of neurons; with `scope="layer"` per layer; with `uniform=True` one block in every layer) below it.
+    The FLOPs and parameter budgets count the *prunable* cost of the encoder layers: attention heads (their
+    q/k/v/output projection weights and, for FLOPs, their attention-score computation at `seq_len` tokens) and FFN
+    neurons (up and down projection weights). Embeddings, layer norms and the task head are not pruned and not
+    counted. These budgets are met from below, within one unit: the kept cost is at most the target and less than one
+    head or neuron (one `round_to` block of neurons; with `scope="layer"` per layer; with `uniform=True` one block in
+    every layer) below it.
+
+    The latency budget (`target="latency"`) counts the whole model's *measured* forward time on this device, at
+    `latency_batch_size` x `seq_len` tokens and `latency_threads` threads: `keep=1/3` asks for a 3x speed-up. It comes
+    from a latency table (`hf_compress.pruning.latency_table`), measured once per device, thread count and shape from
+    one layer of the model at a grid of head counts and FFN widths, plus the unprunable rest (embeddings, task head).
+    The search minimises the importance removed under that budget, over depth and width at once (a layer left with no
+    heads and no neurons is removed, saving its whole time) and with FFN widths the table measured as fast.
 
     Args:
         target: `"flops"` (keep `keep` of the encoder's FLOPs per token at `seq_len`), `"params"` (keep `keep` of its
-            head and FFN parameters) or `"ratios"` (keep `head_keep` of the heads and `ffn_keep` of the neurons).
-        keep: Fraction of the current FLOPs / parameters to keep, in (0, 1]; used by `"flops"` and `"params"`.
+            head and FFN parameters), `"latency"` (keep `keep` of the model's measured latency) or `"ratios"` (keep
+            `head_keep` of the heads and `ffn_keep` of the neurons).
+        keep: Fraction of the current FLOPs / parameters / latency to keep, in (0, 1]; used by `"flops"`, `"params"`
+            and `"latency"` (`keep=1/3`: three times faster).
         importance: How heads and neurons are scored: `"fisher"` (default, Kwon et al. 2022), `"taylor"` (Michel et
             al. 2019) or `"magnitude"` (weight norms, no data needed).
-        seq_len: Sequence length at which FLOPs are counted (attention costs grow with it).
+        seq_len: Sequence length at which FLOPs are counted and, with `target="latency"`, latency is measured
+            (attention costs grow with it).
         head_keep: With `target="ratios"`: fraction of attention heads to keep, in [0, 1] (unset: all).
         ffn_keep: With `target="ratios"`: fraction of FFN neurons to keep, in (0, 1] (unset: all).
         layers: Transformer layers to remove before anything else: a list of layer indices, or a number of layers, in
@@ -62,6 +73,14 @@ class PruningConfig:
         round_to: Keep FFN widths at multiples of this (default 8; 1 disables rounding). Odd widths run slower per
             FLOP: on the SST-2 MiniLM-L6 teacher pruned to 1/4 of its FLOPs (batch 32 x 128, 2 CPU threads) the
             speed-up was 3.76x with `round_to=1` and 4.03x with 8. A layer that loses nothing keeps its width.
+        latency_batch_size: With `target="latency"`: the batch size (sequences per forward call) the latency
+            budget is measured at. Latency per sequence depends on it: measure at the batch size you deploy with.
+        latency_threads: With `target="latency"`: the torch intra-op threads the latency is measured with (unset:
+            torch's current setting, `torch.get_num_threads()`). Ignored on a GPU.
+        latency_table: With `target="latency"`: the path of a latency table (JSON). An existing file is read and used
+            if it was measured for this device, thread count, runtime, shape and architecture (otherwise refused,
+            naming the difference); a missing one is measured and written there, to reuse on the next run. Unset: the
+            table is measured for this call (`report.latency_table.save(...)` keeps it).
         head_ratio: Deprecated (constructor only), use `head_keep = 1 - head_ratio`: the fraction of heads to remove.
         ffn_ratio: Deprecated (constructor only), use `ffn_keep = 1 - ffn_ratio`: the fraction of neurons to remove.
 
@@ -72,6 +91,7 @@ class PruningConfig:
     Example:
     ```python
     config = PruningConfig(target="flops", keep=0.6, importance="fisher")
+    fast = PruningConfig(target="latency", keep=1 / 3, latency_batch_size=32, seq_len=128, latency_threads=2)
     config.save_pretrained("pruned")  # pruned/pruning_config.json
     assert PruningConfig.from_pretrained("pruned") == config
     ```
@@ -79,10 +99,17 @@ class PruningConfig:
 
     target: str = field(default="flops", metadata={"help": f"What the budget counts: one of {TARGETS}."})
     keep: float = field(
-        default=0.6, metadata={"help": "Fraction of encoder FLOPs / parameters to keep, in (0, 1] (flops, params)."}
+        default=0.6,
+        metadata={
+            "help": "Fraction of encoder FLOPs / parameters / measured latency to keep, in (0, 1] (flops, params, "
+            "latency; latency 0.333: 3x faster)."
+        },
     )
     importance: str = field(default="fisher", metadata={"help": f"Importance score: one of {IMPORTANCE_METHODS}."})
-    seq_len: int = field(default=128, metadata={"help": "Sequence length at which FLOPs per token are counted."})
+    seq_len: int = field(
+        default=128,
+        metadata={"help": "Sequence length at which FLOPs per token are counted and latency is measured (latency)."},
+    )
     head_keep: float | None = field(
         default=None, metadata={"help": "With target=ratios: fraction of attention heads to keep, in [0, 1]."}
     )
@@ -109,6 +136,21 @@ class PruningConfig:
     rescale_damping: float = field(default=1e-2, metadata={"help": "Relative ridge damping of the rescale fit, >= 0."})
     num_batches: int | None = field(default=None, metadata={"help": "Calibration batches to use (all when unset)."})
     round_to: int = field(default=8, metadata={"help": "Keep FFN widths at multiples of this (1: no rounding)."})
+    # Batch 32: a typical serving batch, and the shape the repository's CPU benchmarks report (32 x 128).
+    latency_batch_size: int = field(
+        default=32, metadata={"help": "With target=latency: batch size the latency budget is measured at."}
+    )
+    latency_threads: int | None = field(
+        default=None,
+        metadata={"help": "With target=latency: torch threads to measure latency with (unset: the current setting)."},
+    )
+    latency_table: str | None = field(
+        default=None,
+        metadata={
+            "help": "With target=latency: a latency table JSON to reuse (refused if measured on another device, "
+            "thread count or shape), or where to write a new one (unset: measure it, do not save)."
+        },
+    )
     # Deprecated aliases, accepted by the constructor only (not fields: never saved, never CLI flags).
     head_ratio: InitVar[float | None] = None
     ffn_ratio: InitVar[float | None] = None
@@ -127,14 +169,33 @@ class PruningConfig:
         if not _is_real(self.keep) or not 0 < self.keep <= 1:
             kind = "" if _is_real(self.keep) else f"a number (not {type(self.keep).__name__}) "
             raise ValueError(
-                f"keep={self.keep!r} must be {kind}in (0, 1]: the fraction of FLOPs or parameters to keep, e.g. 0.6."
+                f"keep={self.keep!r} must be {kind}in (0, 1]: the fraction of FLOPs, parameters or latency to keep, "
+                "e.g. 0.6 (with target='latency', 0.333 for a 3x speed-up)."
             )
         self.keep = float(self.keep)
-        for name, meaning in (("seq_len", "tokens per sequence"), ("round_to", "1 disables rounding")):
+        for name, meaning in (
+            ("seq_len", "tokens per sequence"),
+            ("round_to", "1 disables rounding"),
+            ("latency_batch_size", "sequences per forward call the latency is measured at"),
+        ):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer ({meaning}).")
             setattr(self, name, int(value))
+        if self.latency_threads is not None:
+            if not _is_int(self.latency_threads) or self.latency_threads < 1:
+                raise ValueError(
+                    f"latency_threads={self.latency_threads!r} must be a positive integer (torch threads) or None "
+                    "(torch's current setting)."
+                )
+            self.latency_threads = int(self.latency_threads)
+        if self.latency_table is not None:
+            if not isinstance(self.latency_table, (str, os.PathLike)) or not os.fspath(self.latency_table):
+                raise ValueError(
+                    f"latency_table={self.latency_table!r} must be the path of a latency table JSON file (e.g. "
+                    "'latency_table.json') or None."
+                )
+            self.latency_table = os.fspath(self.latency_table)
         if self.num_batches is not None:
             if not _is_int(self.num_batches) or self.num_batches < 1:
                 raise ValueError(f"num_batches={self.num_batches!r} must be a positive integer or None (all batches).")
@@ -190,6 +251,12 @@ class PruningConfig:
             raise ValueError(
                 "target='ratios' needs at least one of head_keep or ffn_keep below 1, or layers, e.g. "
                 "PruningConfig(target='ratios', head_keep=0.75, ffn_keep=0.5)."
+            )
+        if self.target == "latency" and self.scope == "layer":
+            raise ValueError(
+                "target='latency' with scope='layer' is not supported: the latency budget is the whole model's, "
+                "including embeddings and the task head that no layer owns, so it has no per-layer share to meet. "
+                "Use scope='global' (or uniform=True for the same FFN width in every layer)."
             )
         if self.uniform and removes_heads:
             raise ValueError(

@@ -5,9 +5,14 @@ from hf_compress import PruningConfig, prune
 
 report = prune(model, PruningConfig(target="flops", keep=0.6, importance="fisher"), dataloader=calibration)
 print(report)
+# Three times faster on this machine at batch 32 x 128 and 2 threads (the table is measured once, then reused):
+config = PruningConfig(target="latency", keep=1 / 3, latency_threads=2, latency_table="latency_table.json")
+report = prune(model, config, dataloader=calibration)
 ```
 
-The steps: remove the layers `config.layers` asks for, score every head and FFN neuron on the calibration batches
+The steps: with `target="latency"`, read or measure the latency table and refuse a budget below the fastest
+reachable model (`latency_table.py`, `latency_search.py`); remove the layers `config.layers` asks for, score every
+head and FFN neuron on the calibration batches
 (`importance.py`), choose what to keep under the budget (`search.py`), fit least-squares scales of the kept units
 so each layer reproduces the unpruned model's output (`rescale.py`), and finally apply the plan with the structured
 pruning functions, folding the scales into the output projections. Everything before the last step only reads the
@@ -31,10 +36,12 @@ from transformers.utils import logging
 
 from ..architectures import get_layers, get_spec
 from ..report import CompressionReport, ModelSummary, summarize
-from ..structure import get_structure
+from ..structure import ModelStructure, get_structure
 from .calibration import prepare_batch
 from .config import PruningConfig
 from .importance import ImportanceScores, compute_importance, compute_layer_importance
+from .latency_search import check_latency_budget
+from .latency_table import LatencyTable, latency_table_for
 from .rescale import fit_rescale
 from .search import BALANCED_METHODS, Selection, balance_kinds, select_units, unit_costs
 from .structured import drop_layers, prune_ffn_neurons, prune_heads
@@ -59,6 +66,10 @@ class PruningReport:
         config: The `PruningConfig` used.
         seconds: Wall time of the call.
         scores: The importance scores used (not part of `to_dict`; save them with `scores.save`).
+        latency: With `target="latency"`: the predicted milliseconds per call `before` and `after`, the `budget`,
+            the `predicted_speedup`, and the table's `key` (`None` for other targets).
+        latency_table: With `target="latency"`: the `LatencyTable` used (not part of `to_dict`; save it with
+            `report.latency_table.save(folder / "latency_table.json")` to reuse it).
     """
 
     plan: dict[str, Any]
@@ -70,6 +81,8 @@ class PruningReport:
     config: PruningConfig
     seconds: float
     scores: ImportanceScores | None = field(default=None, repr=False)
+    latency: dict[str, Any] | None = None
+    latency_table: LatencyTable | None = field(default=None, repr=False)
 
     @property
     def flops_ratio(self) -> float:
@@ -82,8 +95,10 @@ class PruningReport:
         return self.after.parameters / self.before.parameters
 
     def to_dict(self) -> dict[str, Any]:
-        """The report as JSON-serialisable data."""
+        """The report as JSON-serialisable data (with a `"latency"` entry for `target="latency"`)."""
+        latency = {} if self.latency is None else {"latency": self.latency}
         return {
+            **latency,
             "config": self.config.to_dict(),
             "seconds": round(self.seconds, 3),
             "removed": {
@@ -109,10 +124,16 @@ class PruningReport:
     def summary(self) -> str:
         """One line: what was removed, the FLOPs ratio and the time taken."""
         layers = f" {self.removed_layers}" if self.removed_layers else ""
+        latency = ""
+        if self.latency is not None:
+            latency = (
+                f", predicted latency {self.latency['before_ms']:.1f} -> {self.latency['after_ms']:.1f} ms "
+                f"({self.latency['predicted_speedup']:.2f}x faster)"
+            )
         return (
             f"Removed {sum(map(len, self.removed_heads.values()))} heads, "
             f"{sum(map(len, self.removed_ffn.values()))} FFN neurons and {len(self.removed_layers)} layers{layers}: "
-            f"{self.flops_ratio:.1%} of the encoder FLOPs remain ({self.seconds:.1f}s)."
+            f"{self.flops_ratio:.1%} of the encoder FLOPs remain{latency} ({self.seconds:.1f}s)."
         )
 
 
@@ -336,14 +357,16 @@ def prune(
             unless `importance="magnitude"` (or `scores` are given), `rescale=False` and `layers` is not a number.
             The first `config.num_batches` batches are read once and reused by every step.
         scores: Precomputed importance scores for this model (skips scoring).
-        show_progress: Show tqdm progress bars.
+        show_progress: Show tqdm progress bars (scoring, rescaling, and measuring a latency table, with its ETA).
 
     Returns:
-        A `PruningReport` (what was removed, FLOPs and parameters before / after, and `report.plan`).
+        A `PruningReport` (what was removed, FLOPs and parameters before / after, and `report.plan`; for
+        `target="latency"` the predicted latencies in `report.latency` and the table in `report.latency_table`).
 
     Raises:
-        ValueError: for missing calibration data, scores of another model, or a budget `uniform=True` cannot meet;
-            the model is then left untouched.
+        ValueError: for missing calibration data, scores of another model, a budget `uniform=True` cannot meet, a
+            latency table of another device / thread count / shape / architecture, or a latency budget below the
+            fastest this model can get (checked before any scoring); the model is then left untouched.
 
     Example:
     ```python
@@ -374,6 +397,12 @@ def prune(
         )
     if scores is not None:
         _check_scores(scores, model)
+    table = None
+    if config.target == "latency":
+        table = latency_table_for(model, config, show_progress=show_progress)
+        structure = get_structure(model)
+        listed = config.layers if isinstance(config.layers, list) else []
+        check_latency_budget(table, structure.heads, structure.ffn, config.keep, None, listed, config.uniform)
     before = summarize(model, config.seq_len)
     dropped = _drop_candidates(model, config, batches, show_progress)
     if scores is None:
@@ -381,15 +410,21 @@ def prune(
             model, batches, config.importance, show_progress=show_progress, skip_layers=dropped
         )
     head_scores, ffn_scores = scores.heads, scores.ffn
-    costs = unit_costs(model, "params" if config.target == "params" else "flops", config.seq_len)
+    if table is not None:
+        costs = table.unit_costs()
+    else:
+        costs = unit_costs(model, "params" if config.target == "params" else "flops", config.seq_len)
     if scores.method in BALANCED_METHODS:
         head_scores, ffn_scores = balance_kinds(head_scores, ffn_scores, costs)
-    selection = select_units(head_scores, ffn_scores, config, costs, dropped=dropped)
+    selection = select_units(head_scores, ffn_scores, config, costs, dropped=dropped, latency_table=table)
     head_scales = ffn_scales = None
     if config.rescale:
         head_scales, ffn_scales = fit_rescale(model, batches, selection, config.rescale_damping, show_progress)
     plan = make_plan(model, selection, head_scales, ffn_scales)
     apply_plan(model, plan)
+    latency = None
+    if table is not None:
+        latency = _latency_summary(table, config, before.structure, get_structure(model))
     report = PruningReport(
         plan=plan,
         removed_heads={int(k): v for k, v in plan["remove"]["heads"].items()},
@@ -400,6 +435,24 @@ def prune(
         config=config,
         seconds=time.perf_counter() - start,
         scores=scores,
+        latency=latency,
+        latency_table=table,
     )
     logger.info(report.summary())
     return report
+
+
+def _latency_summary(
+    table: LatencyTable, config: PruningConfig, before: ModelStructure, after: ModelStructure
+) -> dict[str, Any]:
+    """The report's `latency` entry: predicted milliseconds per call before and after, against the budget."""
+    before_ms = table.model_latency(before.heads, before.ffn)
+    after_ms = table.model_latency(after.heads, after.ffn)
+    return {
+        "before_ms": before_ms,
+        "after_ms": after_ms,
+        "budget_ms": config.keep * before_ms,
+        "predicted_speedup": before_ms / after_ms,
+        "table": table.to_dict()["key"],
+        "table_path": config.latency_table,
+    }

@@ -1,4 +1,4 @@
-"""Choose which heads and FFN neurons to keep under a FLOPs / parameter budget or explicit fractions kept.
+"""Choose which heads and FFN neurons to keep under a FLOPs / parameter / latency budget or explicit fractions kept.
 
 The cost model counts, per token, what removing a unit saves (a multiply-add is 2 FLOPs), with hidden size `D`,
 head dimension `d` and sequence length `S`:
@@ -12,11 +12,15 @@ kept heads `h` the remaining budget is filled with the most important neurons; t
 largest total importance wins, and any unit that still fits is added greedily. With `round_to > 1`, neurons are
 taken in blocks of `round_to` (a layer's least important neurons form a smaller last block), so kept widths are
 multiples of `round_to` or unchanged.
+
+A latency budget (`target="latency"`) is not a sum of per-unit costs; `select_units` hands it to
+`hf_compress.pruning.latency_search`, which picks one shape per layer from a measured latency table.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedModel
@@ -24,6 +28,10 @@ from transformers import PreTrainedModel
 from ..architectures import get_spec
 from ..structure import ModelStructure
 from .config import PruningConfig
+from .latency_search import select_latency
+
+if TYPE_CHECKING:
+    from .latency_table import LatencyTable
 
 # Scores whose heads and neurons are not on one scale (see `balance_kinds`); Fisher scores estimate the loss increase
 # of removing a unit and are compared as they are.
@@ -212,6 +220,8 @@ def select_units(
     keep: float | None = None,
     head_keep: float | None = None,
     ffn_keep: float | None = None,
+    latency_table: LatencyTable | None = None,
+    drop_empty_layers: bool = True,
 ) -> Selection:
     """Choose the heads and neurons to keep so the model meets `config`'s budget (or fractions kept).
 
@@ -219,20 +229,43 @@ def select_units(
         head_scores: Importance per layer, shape `(num_heads_in_layer,)`; higher is more important.
         ffn_scores: Importance per layer, shape `(ffn_neurons_in_layer,)`.
         config: The budget (`target`, `keep`, `head_keep` / `ffn_keep`, `scope`, `uniform`, `round_to`).
-        costs: Cost of one head and one neuron (`unit_costs`).
+        costs: Cost of one head and one neuron (`unit_costs`; for `target="latency"`, `latency_table.unit_costs()`,
+            which the search itself does not use).
         dropped: Layers removed entirely; their cost counts as saved.
         keep: Overrides `config.keep` (the gradual pruning callback walks it down a schedule).
         head_keep: Overrides `config.head_keep` with `target="ratios"` (likewise); 1 keeps every head.
         ffn_keep: Overrides `config.ffn_keep` with `target="ratios"` (likewise); 1 keeps every neuron.
+        latency_table: With `target="latency"`: the model's `LatencyTable` (required), whose predicted latency of
+            the whole model `keep` is a fraction of (see `hf_compress.pruning.latency_search`).
+        drop_empty_layers: With `target="latency"`: a layer left with no heads and no neurons is removed (listed in
+            `Selection.layers`), saving its whole time; `False` keeps it, empty (the gradual callback).
 
     Returns:
         The `Selection` of kept units.
 
     Raises:
-        ValueError: when `uniform=True` and keeping every head already exceeds the budget.
+        ValueError: when `uniform=True` and keeping every head already exceeds the budget, when a latency budget is
+            below the smallest reachable latency, or for `target="latency"` without a latency table.
     """
     dropped = sorted(dropped or [])
     keep = config.keep if keep is None else keep
+    if config.target == "latency":
+        if latency_table is None:
+            raise ValueError(
+                "target='latency' needs the model's latency table: pass latency_table=... (from "
+                "hf_compress.pruning.latency_table.latency_table_for or measure_latency_table)."
+            )
+        heads, ffn, layers = select_latency(
+            head_scores,
+            ffn_scores,
+            latency_table,
+            keep,
+            config.round_to,
+            dropped,
+            config.uniform,
+            drop_empty_layers,
+        )
+        return Selection(heads, ffn, layers)
     num_layers = len(head_scores)
     live = [i for i in range(num_layers) if i not in dropped]
     heads = [

@@ -29,10 +29,18 @@ sends any training event. The hook stays on the model (a later `model.load_state
 prunes it likewise). The state is looked up in `output_dir/checkpoint-<step>`, where the Trainer writes it; without it,
 resuming mid-pruning is refused.
 
+With `target="latency"` the budget is a fraction of the model's latency predicted by a latency table
+(`hf_compress.pruning.latency_table`): the one `config.latency_table` names, else `output_dir/latency_table.json`
+when it was measured for this device and setting (a resumed run reuses it), else one measured when training begins
+and written there. A layer that loses all its heads and neurons stays, empty (removing layers while training is not
+supported), and counts at the table's time for an empty layer.
+
 Refused when training begins, before any step (each error says how to fix it): an absolute `begin_step` / `end_step`
-beyond `max_steps`; `load_best_model_at_end` with a checkpoint saved before `end_step` (its structure differs from
-the final model's); a second `train()` after pruning stopped part-way. A second `train()` after the budget was
-reached trains without pruning further: the budget is relative to the model the first `train()` started from.
+beyond `max_steps`; a latency table of another device, thread count, shape or architecture, or a latency budget
+below the fastest this model can get with every layer kept; `load_best_model_at_end` with a checkpoint saved before
+`end_step` (its structure differs from the final model's); a second `train()` after pruning stopped part-way. A second
+`train()` after the budget was reached trains without pruning further: the budget is relative to the model the first
+`train()` started from.
 """
 
 from __future__ import annotations
@@ -50,7 +58,10 @@ from ..architectures import get_spec
 from ..launch import refuse_sharded_pruning
 from ..structure import get_structure
 from .config import PruningConfig
+from .constants import LATENCY_TABLE_NAME
 from .importance import compute_importance
+from .latency_search import check_latency_budget
+from .latency_table import LatencyTable, latency_table_for
 from .optimizer_surgery import parameter_slices, rewire_optimizer
 from .schedules import CubicSparsitySchedule, resolve_step_range, validate_step_range
 from .search import BALANCED_METHODS, balance_kinds, select_units, structure_cost, unit_costs
@@ -86,9 +97,12 @@ class GradualStructuredPruningCallback(TrainerCallback):
 
     Attributes:
         history: `(step, cost)` after each pruning step, the cost in `config.target` units (FLOPs per token or
-            parameters of heads and neurons; head and neuron counts for `"ratios"`).
+            parameters of heads and neurons; head and neuron counts for `"ratios"`; predicted milliseconds per call
+            of the whole model for `"latency"`).
         reference_cost: That cost when training began (the first `train()` of this model: a later one, or a resumed
             one, keeps it, so the budget always counts from the model pruning started from).
+        latency_table: With `target="latency"`: the `LatencyTable` the budget is predicted with (set when training
+            begins).
 
     Example:
     ```python
@@ -124,6 +138,7 @@ class GradualStructuredPruningCallback(TrainerCallback):
         self.schedule: CubicSparsitySchedule | None = None
         self.history: list[tuple[int, float]] = []
         self.reference_cost: float | None = None
+        self.latency_table: LatencyTable | None = None
         self._reference: tuple[int, int] = (0, 0)  # total heads and neurons at the start, for ratios
         self._masks: UnitMasks | None = None
         self._scores: dict[str, list[torch.Tensor]] = {}
@@ -179,6 +194,9 @@ class GradualStructuredPruningCallback(TrainerCallback):
             _check_saved_structure(model, saved)
         self._check_load_best(args, state, schedule, progress, kwargs.get("train_dataloader"))
         check_optimizer_is_current(model, kwargs.get("optimizer"))
+        latency_table = None
+        if self.config.target == "latency" and progress < 1.0:
+            latency_table = self._latency_table_for(args, state, model, saved)
         if frequency < self.frequency:
             logger.info(
                 "The pruning range, steps %d..%d, is shorter than frequency=%d: pruning once, at step %d.",
@@ -191,6 +209,8 @@ class GradualStructuredPruningCallback(TrainerCallback):
         self.schedule = schedule
         self._model_ref = weakref.ref(model)
         self._progress = progress
+        if latency_table is not None:
+            self.latency_table = latency_table
         if saved is not None:
             self._restore(model, saved)
         elif again:
@@ -337,6 +357,25 @@ class GradualStructuredPruningCallback(TrainerCallback):
             "checkpoint yourself with hf_compress.load_compressed(trainer.state.best_model_checkpoint)."
         )
 
+    def _latency_table_for(
+        self, args: TrainingArguments, state: TrainerState, model: nn.Module, saved: dict | None
+    ) -> LatencyTable:
+        """The latency table of this run (read or measured, see the module docstring), its budget checked."""
+        fallback = os.path.join(args.output_dir, LATENCY_TABLE_NAME) if getattr(args, "output_dir", None) else None
+        table = latency_table_for(
+            model,
+            self.config,
+            fallback_path=fallback,
+            save=state.is_world_process_zero,
+            show_progress=not getattr(args, "disable_tqdm", False),
+        )
+        structure = get_structure(model)
+        reference = saved["reference_cost"] if saved is not None else None
+        check_latency_budget(
+            table, structure.heads, structure.ffn, self.config.keep, reference, drop_empty_layers=False
+        )
+        return table
+
     #### Scores
 
     def _reset_scores(self, model: nn.Module) -> None:
@@ -374,6 +413,8 @@ class GradualStructuredPruningCallback(TrainerCallback):
         structure = get_structure(model)
         if self.config.target == "ratios":
             return float(sum(structure.heads) + sum(structure.ffn))
+        if self.config.target == "latency":
+            return self.latency_table.model_latency(structure.heads, structure.ffn)
         costs = unit_costs(model, self.config.target, self.config.seq_len)
         return structure_cost(list(structure.heads), list(structure.ffn), costs)
 
@@ -406,10 +447,21 @@ class GradualStructuredPruningCallback(TrainerCallback):
         else:
             head_scores = [s.cpu() for s in self._scores["heads"]]
             ffn_scores = [s.cpu() for s in self._scores["ffn"]]
-        costs = unit_costs(model, "params" if config.target == "params" else "flops", config.seq_len)
+        if config.target == "latency":
+            costs = self.latency_table.unit_costs()
+        else:
+            costs = unit_costs(model, "params" if config.target == "params" else "flops", config.seq_len)
         if config.importance in BALANCED_METHODS:
             head_scores, ffn_scores = balance_kinds(head_scores, ffn_scores, costs)
-        selection = select_units(head_scores, ffn_scores, config, costs, **self._step_targets(model))
+        selection = select_units(
+            head_scores,
+            ffn_scores,
+            config,
+            costs,
+            latency_table=self.latency_table,
+            drop_empty_layers=False,
+            **self._step_targets(model),
+        )
         remove_heads, remove_ffn = selection.removed(get_structure(model))
         if remove_heads or remove_ffn:
             self._uninstall()
