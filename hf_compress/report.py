@@ -198,8 +198,8 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
-def _count(value: float) -> str:
-    """`value` with a K / M / G suffix."""
+def format_count(value: float) -> str:
+    """`value` with a K / M / G suffix: `format_count(22_410_000) == "22.41 M"`."""
     for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if value >= scale:
             return f"{value / scale:.2f} {unit}"
@@ -222,7 +222,7 @@ def format_bytes(size: int) -> str:
 _ROWS = (
     ("parameters", lambda s: s.parameters, "{:,}".format),
     ("size on disk", lambda s: s.size_bytes, format_bytes),
-    ("encoder FLOPs/token @ {seq_len} tokens", lambda s: s.flops_per_token, _count),
+    ("encoder FLOPs/token @ {seq_len} tokens", lambda s: s.flops_per_token, format_count),
     ("layers", lambda s: s.num_layers, str),
     ("attention heads", lambda s: sum(s.heads_per_layer), "{:,}".format),
     ("FFN neurons", lambda s: sum(s.ffn_per_layer), "{:,}".format),

@@ -21,7 +21,7 @@ from ..architectures import get_layers, supported_model_types
 from ..data import HubUnreachableError, require_hub_or_local
 from ..deploy import inspect_onnx
 from ..remote_code.modeling_hf_compress import CONFIG_KEY
-from ..report import count_parameters, format_bytes, summarize, weight_bytes
+from ..report import count_parameters, format_bytes, format_count, summarize, weight_bytes
 from .checks import check_local_path, load_model
 
 
@@ -144,13 +144,6 @@ def describe_checkpoint(model: PreTrainedModel, seq_len: int = 128) -> dict[str,
     return description
 
 
-def _count(value: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if value >= scale:
-            return f"{value / scale:.2f} {unit}"
-    return f"{value:,.0f}"
-
-
 def _per_layer(values: Sequence[int]) -> str:
     return f"{values[0]} in each of {len(values)} layers" if len(set(values)) == 1 else ", ".join(map(str, values))
 
@@ -175,7 +168,7 @@ def format_checkpoint(description: Mapping[str, Any]) -> str:
             ),
             (
                 f"encoder FLOPs @ {d['seq_len']} tokens",
-                f"{_count(d['encoder_flops_per_token'])} per token, {_count(d['encoder_flops_per_sequence'])} per "
+                f"{format_count(d['encoder_flops_per_token'])} per token, {format_count(d['encoder_flops_per_sequence'])} per "
                 "sequence",
             ),
         ]

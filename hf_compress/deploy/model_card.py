@@ -39,11 +39,10 @@ from transformers import PreTrainedModel
 from ..architectures import supported_model_types
 from ..report import format_bytes
 from ..structure import get_structure, stock_class
-from .comparison import COMPARISON_FILE, describe_model
+from .comparison import describe_model
 from .onnx_runtime import DYNAMIC_INT8_FILE, EXPORT_INFO_FILE, ONNX_FILE, STATIC_INT8_FILE
 
-# COMPARISON_FILE lives in `comparison`; it is also importable from here, where the card's callers look for it.
-__all__ = ["COMPARISON_FILE", "ONNX_FILE_DESCRIPTIONS", "TEMPLATE_PATH", "create_model_card", "read_onnx_export"]
+__all__ = ["ONNX_FILE_DESCRIPTIONS", "TEMPLATE_PATH", "create_model_card", "read_onnx_export"]
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
 _START, _END = "<!-- hf-compress:card:start", "<!-- hf-compress:card:end -->"
