@@ -164,7 +164,8 @@ def print_comparison(comparison: dict) -> None:
         + (f"  ({interval[0]:.2f}-{interval[1]:.2f}x in 80% of rounds)" if interval else "")
     )
     for name, retained in comparison["metrics_retained"].items():
-        print(f"{name + ' retained':<20}{'':>12}{retained:>12.1%}")
+        shown = "n/a" if retained is None else f"{retained:.1%}"  # None: the teacher scored 0
+        print(f"{name + ' retained':<20}{'':>12}{shown:>12}")
     if latency.get("noisy"):
         print(
             "WARNING: the latency spread is too large to trust the speed-up (the middle half of some model's rounds "

@@ -59,6 +59,35 @@ def tiny_model(model_type: str = "bert", task: str = "sequence-classification", 
     return auto.from_config(tiny_config(model_type, **overrides)).eval()
 
 
+TOY_SENTENCES = ["a good movie", "a bad film", "great fun", "dull and awful", "not very good", "love the story"]
+
+
+def teacher_and_data_folders(
+    path,
+    tokenizer,
+    labels: tuple[str, ...] = ("negative", "positive"),
+    text_column: str = "sentence",
+    train_repeat: int = 3,
+    string_labels: bool = False,
+    **model_overrides,
+):
+    """Write a tiny teacher (with `labels`, and the tokenizer) to `path/teacher` and a task folder to `path/data`:
+    train.tsv (`TOY_SENTENCES` `train_repeat` times) and validation.tsv, each sentence labelled with the next class
+    in turn, written as its id (or, with `string_labels`, its name)."""
+    teacher = tiny_model("bert", num_labels=len(labels), **model_overrides)
+    teacher.config.id2label = dict(enumerate(labels))
+    teacher.config.label2id = {label: i for i, label in enumerate(labels)}
+    teacher.save_pretrained(path / "teacher")
+    tokenizer.save_pretrained(path / "teacher")
+    data = path / "data"
+    data.mkdir()
+    for split, repeat in (("train", train_repeat), ("validation", 1)):
+        classes = labels if string_labels else range(len(labels))
+        rows = [f"{sentence}\t{classes[i % len(labels)]}" for i, sentence in enumerate(TOY_SENTENCES)] * repeat
+        (data / f"{split}.tsv").write_text(f"{text_column}\tlabel\n" + "\n".join(rows) + "\n")
+    return path
+
+
 def random_batch(batch_size: int = 4, seq_len: int = 10, num_labels: int = 2, seed: int = 0, padded: bool = True):
     """input_ids/attention_mask/labels for a tiny model; with `padded`, rows have different lengths."""
     generator = torch.Generator().manual_seed(seed)

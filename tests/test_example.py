@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import teacher_and_data_folders
 from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
@@ -15,7 +15,6 @@ from hf_compress import HubUnreachableError, compare_latency, device_name, load_
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "distill_bert_sst2.py"
 PROGRESSIVE = EXAMPLE.parent / "progressive_compression.py"
-SENTENCES = ["a good movie", "a bad film", "great fun", "dull and awful", "not very good", "love the story"]
 
 
 def _load_example(path: Path = EXAMPLE):
@@ -29,16 +28,7 @@ def _load_example(path: Path = EXAMPLE):
 
 @pytest.fixture
 def workspace(tmp_path, tiny_tokenizer):
-    teacher = tiny_model("bert", max_position_embeddings=64)
-    teacher.config.id2label, teacher.config.label2id = {0: "negative", 1: "positive"}, {"negative": 0, "positive": 1}
-    teacher.save_pretrained(tmp_path / "teacher")
-    tiny_tokenizer.save_pretrained(tmp_path / "teacher")
-    data = tmp_path / "data"
-    data.mkdir()
-    for split, repeat in (("train", 3), ("validation", 1)):
-        rows = [f"{sentence}\t{i % 2}" for i, sentence in enumerate(SENTENCES)] * repeat
-        (data / f"{split}.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
-    return tmp_path
+    return teacher_and_data_folders(tmp_path, tiny_tokenizer)
 
 
 def _args(workspace, *extra):
@@ -230,3 +220,20 @@ def test_progressive_example_prunes_the_teacher_then_the_student_while_distillin
 def test_progressive_example_refuses_a_final_budget_above_the_pruned_teacher(workspace):
     with pytest.raises(ValueError, match="--final_keep 0.7 keeps more than the pruned teacher"):
         _load_example(PROGRESSIVE).main(_progressive_args(workspace, "--teacher_keep", "0.6", "--final_keep", "0.7"))
+
+
+def test_comparison_prints_when_the_teacher_scored_zero(capsys):
+    """A retained ratio is None when the teacher's metric is 0; the table says n/a instead of crashing."""
+    side = {"metrics": {"accuracy": 0.0}, "parameters": 10, "size_bytes": 40, "latency_ms": 1.0}
+    latency = {"batch_size": 1, "sequence_length": 8, "device_name": "cpu", "torch_threads": 1}
+    comparison = {
+        "teacher": side,
+        "student": {**side, "metrics": {"accuracy": 0.5}},
+        "latency": latency,
+        "dataset": {"num_examples": 2},
+        "speedup": 1.0,
+        "metrics_retained": {"accuracy": None},
+    }
+    _load_example().print_comparison(comparison)
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith("accuracy retained") and last.endswith("n/a")
