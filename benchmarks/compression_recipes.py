@@ -1,7 +1,7 @@
 """The variants of the compression benchmark and how each is made from the teacher (see `compression_table.py`).
 
 Every recipe takes the teacher (never modified), the tokenized data and the benchmark's settings, and returns the
-compressed fp32 model. int8 variants are made from another variant's saved model when they are timed. Distilled
+compressed fp32 model (the runtimes, int8 among them, are made from it in `compression_runtimes.py`). Distilled
 variants read the teacher's outputs from one teacher cache (`teacher_cache_dir`), built by the first of them and
 reused by the others; the time spent preparing it is returned apart from the training time.
 """
@@ -38,11 +38,12 @@ class Variant:
         name: Short identifier (folder name in the work directory, key in the JSON).
         label: What the README and the plot call it.
         recipe: `"teacher"`, `"retraining_free"` (one-shot pruning), `"distil"` (a student, optionally pruned
-            while it is distilled) or `"int8"` (dynamic int8 of the variant `base`).
+            while it is distilled) or `"prune_then_distil"` (one-shot pruning, then the pruned model is distilled).
         layers: Student layers (`"distil"`); `None` keeps all of the teacher's.
-        keep: Fraction of the teacher's encoder FLOPs kept by pruning (`"retraining_free"`, `"distil"`).
-        base: The variant an `"int8"` variant quantizes.
-        epochs: Training epochs of a `"distil"` variant, instead of the benchmark's `--epochs`.
+        keep: Fraction of the teacher's encoder FLOPs (`target="flops"`) or measured latency (`target="latency"`)
+            kept by pruning.
+        target: What `keep` budgets: `"flops"` or `"latency"` (from the benchmark's latency table).
+        epochs: Training epochs of a distilled variant, instead of the benchmark's `--epochs`.
     """
 
     name: str
@@ -50,7 +51,7 @@ class Variant:
     recipe: str
     layers: int | None = None
     keep: float | None = None
-    base: str | None = None
+    target: str = "flops"
     epochs: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -79,18 +80,16 @@ def default_variants(num_layers: int) -> list[Variant]:
             layers=half,
             keep=0.25,
         ),
-        Variant("teacher-int8", "teacher, int8", "int8", base="teacher"),
-        Variant(
-            "pruned-2x-distilled-int8",
-            "pruned to 1/2 FLOPs while distilling, int8",
-            "int8",
-            base="pruned-2x-distilled",
-        ),
-        Variant(
-            "pruned-4x-distilled-int8",
-            "pruned to 1/4 FLOPs while distilling, int8",
-            "int8",
-            base="pruned-4x-distilled",
+        # The frontier: pruned to a measured latency budget (depth and width together), then distilled.
+        *(
+            Variant(
+                f"latency-{speedup:g}x-distilled",
+                f"pruned to 1/{speedup:g} of its latency, then distilled",
+                "prune_then_distil",
+                keep=1 / speedup,
+                target="latency",
+            )
+            for speedup in (3.3, 7, 12)
         ),
     ]
     names = [variant.name for variant in variants]
@@ -110,6 +109,8 @@ class Context:
     num_calibration: int = 256
     training: dict[str, Any] = field(default_factory=dict)  # DistillationTrainingArguments fields
     teacher_cache_dir: str | None = None  # None: every distilled variant runs the teacher live
+    latency_table: str | None = None  # target="latency": the table's JSON (measured there when missing)
+    threads: int | None = None  # target="latency": torch threads the budget is measured with
 
 
 @dataclass
@@ -125,21 +126,34 @@ def build(variant: Variant, context: Context) -> Built:
     """Make `variant`'s fp32 model from `context.teacher` (left unchanged)."""
     if variant.recipe == "teacher":
         return Built(copy.deepcopy(context.teacher))
-    if variant.recipe == "retraining_free":
-        model = copy.deepcopy(context.teacher)
-        prune(model, _pruning_config(variant.keep, context), dataloader=_calibration(context))
-        return Built(model)
+    if variant.recipe in ("retraining_free", "prune_then_distil"):
+        # A DistillationTrainer freezes its teacher: the copy must be trainable again before it is distilled.
+        model = copy.deepcopy(context.teacher).requires_grad_(True)
+        prune(model, _pruning_config(variant.keep, variant.target, context), dataloader=_calibration(context))
+        return Built(model) if variant.recipe == "retraining_free" else _distil(variant, context, model)
     if variant.recipe == "distil":
         return _distil(variant, context)
     raise ValueError(
-        f"Variant {variant.name!r} has recipe {variant.recipe!r}; buildable: teacher, retraining_free, distil."
+        f"Variant {variant.name!r} has recipe {variant.recipe!r}; buildable: teacher, retraining_free, distil, "
+        "prune_then_distil."
     )
 
 
-def _pruning_config(keep: float, context: Context) -> PruningConfig:
+def _pruning_config(keep: float, target: str, context: Context) -> PruningConfig:
+    if target == "latency":
+        # Widths and depth chosen against the measured latency table (the widths it measured fast).
+        return PruningConfig(
+            target="latency",
+            keep=keep,
+            importance="fisher",
+            seq_len=context.seq_len,
+            latency_batch_size=context.training.get("per_device_train_batch_size", 32),
+            latency_threads=context.threads,
+            latency_table=context.latency_table,
+        )
     # FFN widths in multiples of 8: odd widths (a 29-neuron layer) run slower per FLOP; measured on the SST-2 teacher
     # at 1/4 of its FLOPs, batch 32 x 128, 2 threads: 3.76x with round_to=1, 4.03x with 8.
-    return PruningConfig(target="flops", keep=keep, importance="fisher", seq_len=context.seq_len, round_to=8)
+    return PruningConfig(target=target, keep=keep, importance="fisher", seq_len=context.seq_len, round_to=8)
 
 
 def _calibration(context: Context) -> DataLoader:
@@ -154,25 +168,34 @@ def encoder_flops(model: torch.nn.Module, seq_len: int) -> int:
     return compression_report(model, seq_len=seq_len).model.flops_per_token
 
 
-def _distil(variant: Variant, context: Context) -> Built:
-    """A student of `variant.layers` teacher layers, distilled; pruned while it learns when `variant.keep` is set."""
+def _distil(variant: Variant, context: Context, student: PreTrainedModel | None = None) -> Built:
+    """Distil `student` (already pruned), or a student of `variant.layers` teacher layers, pruned while it learns
+    when `variant.keep` is set."""
     teacher = context.teacher
     num_layers = teacher.config.num_hidden_layers
     kept = select_layers(num_layers, variant.layers or num_layers)
-    student = create_student(teacher, layers_to_keep=kept)
     training = dict(context.training)
     if variant.epochs is not None:
         training["num_train_epochs"] = variant.epochs
-    if training.get("hidden_loss_weight"):
-        # Match each student layer to the teacher layer it was initialised from (hidden-state indices: 0 = embeddings).
-        training["layer_mapping"] = {new + 1: old + 1 for new, old in enumerate(kept)}
+    if student is None:
+        student = create_student(teacher, layers_to_keep=kept)
+        if training.get("hidden_loss_weight"):
+            # Each student layer to the teacher layer it was initialised from (hidden-state indices: 0 = embeddings).
+            training["layer_mapping"] = {new + 1: old + 1 for new, old in enumerate(kept)}
     callbacks = []
-    if variant.keep is not None:
-        # The budget is a fraction of the teacher's FLOPs; the callback counts from the student's own.
-        keep = variant.keep * encoder_flops(teacher, context.seq_len) / encoder_flops(student, context.seq_len)
+    if variant.keep is not None and variant.recipe == "distil":
+        # The budget is a fraction of the teacher's; the callback counts from the student's own.
+        if variant.target == "latency" and len(kept) != num_layers:
+            raise ValueError(
+                f"Variant {variant.name!r}: a latency budget is pruned from the whole teacher; for a student of "
+                f"{variant.layers} layers use target='flops', or recipe='prune_then_distil' to let the search drop layers."
+            )
+        keep = variant.keep
+        if variant.target == "flops":
+            keep *= encoder_flops(teacher, context.seq_len) / encoder_flops(student, context.seq_len)
         if keep >= 1:
             raise ValueError(f"Variant {variant.name!r}: the student is already within keep={variant.keep}.")
-        config = _pruning_config(keep, context)
+        config = _pruning_config(keep, variant.target, context)
         callbacks.append(GradualStructuredPruningCallback(config, begin_step=0, end_step=0.7, frequency=10))
     args = DistillationTrainingArguments(
         output_dir=f"{context.work_dir}/trainer-{variant.name}",

@@ -19,31 +19,23 @@ import json
 import logging
 import platform
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from compression_runtimes import RUNTIMES, accuracy, make_runtimes, one_at_a_time
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 from hf_compress import (
-    OnnxModel,
     PruningConfig,
     compare_latency,
     compression_report,
     device_name,
-    export_onnx,
     load_text_classification_dataset,
     prune,
-    quantize_dynamic_int8,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-ONNX_FILES = {
-    "onnx-fp32": None,
-    "onnx-int8-dynamic": "model_int8_dynamic.onnx",
-    "onnx-int8-static": "model_int8_static.onnx",
-}
 
 
 def parse_args() -> argparse.Namespace:
@@ -60,36 +52,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--work-dir", default=str(ROOT / "benchmarks" / ".work" / "onnx"))
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "onnx_runtime.json"))
     return parser.parse_args()
-
-
-def accuracy(run: Callable[[dict], torch.Tensor], tokenizer, sentences: list[str], labels: list[int]) -> float:
-    correct = 0
-    for start in range(0, len(sentences), 32):
-        batch = tokenizer(sentences[start : start + 32], padding=True, truncation=True, max_length=128)
-        predictions = torch.as_tensor(run(batch)).argmax(-1)
-        correct += int((predictions == torch.tensor(labels[start : start + 32])).sum())
-    return correct / len(sentences)
-
-
-def torch_runner(model: torch.nn.Module) -> Callable[[dict], torch.Tensor]:
-    def run(batch: dict) -> torch.Tensor:
-        with torch.inference_mode():
-            return model(**{k: torch.tensor(v) for k, v in batch.items()}).logits
-
-    return run
-
-
-def onnx_runner(model: OnnxModel) -> Callable[[dict], torch.Tensor]:
-    return lambda batch: torch.from_numpy(model(**batch)["logits"])
-
-
-def one_at_a_time(model, encoded: list[dict]) -> Callable[..., None]:
-    """A callable that runs `model` on each sentence in turn: batch 1 at real lengths, as a server sees them."""
-    if isinstance(model, OnnxModel):
-        feeds = [model.feed(e) for e in encoded]
-        return lambda **_: [model.session.run(None, feed) for feed in feeds]
-    tensors = [{k: torch.tensor(v) for k, v in e.items()} for e in encoded]
-    return lambda **_: [model(**t) for t in tensors]
 
 
 def main() -> None:
@@ -109,6 +71,11 @@ def main() -> None:
         lambda b: tokenizer(b["sentence"], truncation=True, max_length=128), batched=True, remove_columns="sentence"
     )
     loader = DataLoader(encoded_calibration, batch_size=32, collate_fn=DataCollatorWithPadding(tokenizer))
+    evaluation = [
+        (dict(tokenizer(sentences[i : i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt")),
+         torch.tensor(labels[i : i + 32]))
+        for i in range(0, len(sentences), 32)
+    ]  # fmt: skip
 
     variants: dict[str, dict] = {}
     teacher = AutoModelForSequenceClassification.from_pretrained(args.teacher).eval()
@@ -123,39 +90,30 @@ def main() -> None:
     for name, (model, seconds) in sources.items():
         folder = work / name.replace(" ", "-")
         start = time.perf_counter()
-        export = export_onnx(
-            model,
-            folder,
-            tokenizer=tokenizer,
-            quantize=("dynamic", "static"),
-            calibration_texts=calibration_texts,
-        )
+        runtimes = make_runtimes(model, list(RUNTIMES), folder, tokenizer, calibration_texts, args.threads)
+        export = json.loads((folder / "onnx_export.json").read_text())
         report = compression_report(model, reference=teacher, seq_len=128)
         variants[name] = {
             "prune_seconds": seconds,
             "export_seconds": time.perf_counter() - start,
-            "max_abs_diff_onnx_vs_pytorch": export.max_abs_diff,
+            "max_abs_diff_onnx_vs_pytorch": export["max_abs_diff"],
             "flops_ratio": report.model.flops_per_token / report.reference.flops_per_token,
             "parameters": report.model.parameters,
-            "int8_max_abs_diff": export.int8_max_abs_diff,
-            "file_bytes": {
-                path.name: path.stat().st_size for path in [export.model_path, *export.quantized_paths.values()]
-            },
+            "int8_max_abs_diff": export["int8_max_abs_diff"],
+            "file_bytes": {path.name: path.stat().st_size for path in sorted(folder.glob("*.onnx"))},
             "accuracy": {},
         }
-        runtimes = {"pytorch-fp32": model, "pytorch-int8": quantize_dynamic_int8(model)}
-        for runtime, file_name in ONNX_FILES.items():
-            runtimes[runtime] = OnnxModel(folder, file_name=file_name, threads=args.threads, spinning=False)
         for runtime, runnable in runtimes.items():
-            run = onnx_runner(runnable) if isinstance(runnable, OnnxModel) else torch_runner(runnable)
-            variants[name]["accuracy"][runtime] = accuracy(run, tokenizer, sentences, labels)
+            variants[name]["accuracy"][runtime] = accuracy(runnable, evaluation)
             models[f"{name} | {runtime}"] = runnable
             print(f"{name:>22} {runtime:>18}: accuracy {variants[name]['accuracy'][runtime]:.4f}", flush=True)
 
     reference = "teacher | pytorch-fp32"
     fixed = tokenizer(sentences[:32], padding="max_length", truncation=True, max_length=128, return_tensors="pt")
     b32 = compare_latency(models, fixed, rounds=args.rounds, reference=reference, threads=args.threads)
-    real = [tokenizer([s], truncation=True, max_length=128) for s in sentences[: args.num_real]]  # (1, length)
+    real = [
+        dict(tokenizer([s], truncation=True, max_length=128, return_tensors="pt")) for s in sentences[: args.num_real]
+    ]
     b1 = compare_latency(
         {name: one_at_a_time(model, real) for name, model in models.items()},
         {},
