@@ -105,8 +105,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    # Show the INFO lines of the benchmark and of hf-compress (their loggers come from transformers.utils.logging).
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # Show the INFO lines of the benchmark and of hf-compress; other libraries' (ONNX Runtime's quantizer logs every
+    # tensor at INFO on the root logger) only from WARNING up.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    for name in ("compression_table", "hf_compress"):
+        logging.getLogger(name).setLevel(logging.INFO)
     if args.render_only:
         results = json.loads(Path(args.output).read_text())
     else:
