@@ -100,11 +100,31 @@ def random_batch(batch_size: int = 4, seq_len: int = 10, num_labels: int = 2, se
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+TOY_WORDS = "the a movie film good bad great awful fun dull not very plot actor story love hate".split()
+# Short reviews in the toy words, for calibration files and CLI data folders.
+TOY_REVIEWS = [
+    "the movie was great fun",
+    "a dull plot",
+    "i love the actor",
+    "bad , awful story",
+    "not very good",
+    "great film , great fun",
+    "the story is dull",
+    "hate the plot",
+]
+
+
+def word_tokenizer(folder, words=TOY_WORDS, size: int = VOCAB_SIZE) -> BertTokenizerFast:
+    """A WordPiece tokenizer of `size` tokens (the special ones, then `words`, then fillers `w0`, `w1`, ...), its
+    `vocab.txt` written to `folder`."""
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words][:size]
+    vocab += [f"w{i}" for i in range(size - len(vocab))]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    return BertTokenizerFast(vocab=str(folder / "vocab.txt"), do_lower_case=True)
+
+
 @pytest.fixture
 def tiny_tokenizer(tmp_path):
     """A WordPiece tokenizer over a toy vocabulary, written to disk and loaded like any checkpoint's."""
-    words = "the a movie film good bad great awful fun dull not very plot actor story love hate".split()
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
-    vocab += [f"w{i}" for i in range(VOCAB_SIZE - len(vocab))]
-    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    return BertTokenizerFast(vocab=str(tmp_path / "vocab.txt"), do_lower_case=True)
+    return word_tokenizer(tmp_path)

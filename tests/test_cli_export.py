@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import VOCAB_SIZE, tiny_model
+from conftest import TOY_REVIEWS, TOY_WORDS, tiny_model, word_tokenizer
 from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
 from transformers import BertTokenizerFast
 
@@ -30,25 +30,11 @@ pytest.importorskip("onnxruntime")
 
 from hf_compress import OnnxModel, push_compressed_to_hub  # noqa: E402
 
-WORDS = "the a movie film good bad great awful fun dull not very plot actor story love hate".split()
-SENTENCES = [
-    "the movie was great fun",
-    "a dull plot",
-    "i love the actor",
-    "bad , awful story",
-    "not very good",
-    "great film , great fun",
-    "the story is dull",
-    "hate the plot",
-]
+SENTENCES = TOY_REVIEWS
 
 
 def _tokenizer(folder: Path) -> BertTokenizerFast:
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, ","]
-    vocab += [f"w{i}" for i in range(VOCAB_SIZE - len(vocab))]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    return BertTokenizerFast(vocab=str(folder / "vocab.txt"), do_lower_case=True)
+    return word_tokenizer(folder, [*TOY_WORDS, ","])
 
 
 def _pruned_model():

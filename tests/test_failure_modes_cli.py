@@ -13,8 +13,8 @@ import logging
 import math
 
 import pytest
-from conftest import VOCAB_SIZE, tiny_model
-from transformers import AutoTokenizer, BertTokenizerFast
+from conftest import TOY_REVIEWS, VOCAB_SIZE, tiny_model, word_tokenizer
+from transformers import AutoTokenizer
 
 from hf_compress import (
     PruningConfig,
@@ -28,27 +28,14 @@ from hf_compress import (
 from hf_compress.cli import main
 from hf_compress.pruning import config as pruning_config
 
-SENTENCES = [
-    "the movie was great fun",
-    "a dull plot",
-    "i love the actor",
-    "bad , awful story",
-    "not very good",
-    "great film , great fun",
-    "the story is dull",
-    "hate the plot",
-]
+SENTENCES = TOY_REVIEWS
 WORDS = "the a movie film good bad great awful fun dull not very plot actor story love hate i was is , .".split()
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 FAST = ["--num-samples", "16", "--batch-size", "8", "--max-length", "32"]
 
 
 def _tokenizer(folder, words=WORDS, size=VOCAB_SIZE):
     """A WordPiece tokenizer with `size` tokens, the first real ones being `words`, saved to `folder`."""
-    vocab = [*SPECIAL, *words][:size]
-    vocab += [f"w{i}" for i in range(size - len(vocab))]
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
+    tokenizer = word_tokenizer(folder, words, size)
     tokenizer.save_pretrained(folder)
     return tokenizer
 
