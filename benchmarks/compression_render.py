@@ -183,7 +183,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"{setup['rounds']} rounds after {setup['warmup']} warm-up; teacher {teacher_fp32[b32]['median_ms']:.0f} ms "
         f"per batch of 32 x {setup['seq_len']} tokens, {teacher_fp32['b1_real']['median_ms']:.0f} ms for "
         f"{setup['num_real']} validation sentences one at a time at their own lengths, `b1 real`). Distilled variants: "
-        f"{setup['num_train']:,} training sentences, {setup['epochs']:g} epoch(s), {_loss_note(setup)}"
+        f"{setup['num_train']:,} training sentences, {setup['epochs']:g} epoch(s) unless the variant says more, "
+        f"{_loss_note(setup)}"
         f"{_teacher_cache_note(results['variants'])}. File size: what the runtime loads (safetensors, `torch.save` "
         "of the int8 state dict, or the .onnx file).",
         "",

@@ -11,6 +11,11 @@ interleaved in one run on `--batch-size` validation sentences padded to `--seq-l
 split (the first `--max-eval` sentences, all by default). Writes `--output` (JSON) and prints a table: target vs
 predicted (by the table) vs realised speed-up, and accuracy.
 
+With `--while-distilling STEPS` the budget is reached while distilling instead: a copy of the teacher is distilled
+from the teacher for STEPS steps (batch 32, `--train-length` tokens, T=2, alpha=0.5, learning rate 1e-4) while
+`GradualStructuredPruningCallback(PruningConfig(target="latency", keep=...))` prunes it on the cubic schedule between
+10% and 60% of the steps, from the same latency table.
+
 A quick check that it runs (seconds, numbers meaningless):
 
     python benchmarks/latency_target.py --max-eval 32 --rounds 2 --keeps 0.5 --num-calibration 32 \
@@ -33,9 +38,13 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 from hf_compress import (
+    DistillationTrainer,
+    DistillationTrainingArguments,
+    GradualStructuredPruningCallback,
     LatencyTable,
     PruningConfig,
     compare_latency,
+    compression_report,
     load_text_classification_dataset,
     measure_latency_table,
     predict_logits,
@@ -46,7 +55,7 @@ from hf_compress.metrics import accuracy
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default=str(ROOT.parent / "shared" / "models" / "minilm-l6-sst2"))
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "sst2"))
@@ -63,13 +72,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--table-repeats", type=int, default=7, help="timed rounds of the latency table")
     parser.add_argument("--round-to", type=int, default=8, help="FFN widths in multiples of this (table-chosen)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--while-distilling", type=int, default=0, metavar="STEPS", help="reach each budget while distilling this long"
+    )
+    parser.add_argument("--train-length", type=int, default=64, help="tokens per training sentence (distilling)")
+    parser.add_argument("--work-dir", default=str(ROOT / "benchmarks" / ".work" / "latency-target"))
     parser.add_argument("--latency-table", default=str(ROOT / "benchmarks" / "results" / "latency_table.json"))
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "latency_target.json"))
-    return parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.while_distilling < 0:
+        raise ValueError(f"--while-distilling {args.while_distilling}: give a number of steps (e.g. 400), or 0.")
+    return args
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(args.teacher)
@@ -80,15 +97,22 @@ def main() -> None:
     if args.max_eval:
         validation = validation.select(range(min(args.max_eval, len(validation))))
 
-    def batches(dataset, batch_size: int) -> DataLoader:
-        encoded = dataset.map(
-            lambda rows: tokenizer(rows[text_column], truncation=True, max_length=args.seq_len),
+    def encode(dataset, max_length: int):
+        return dataset.map(
+            lambda rows: tokenizer(rows[text_column], truncation=True, max_length=max_length),
             batched=True,
             remove_columns=[c for c in dataset.column_names if c != data.label_column],
         )
-        return DataLoader(encoded, batch_size=batch_size, collate_fn=DataCollatorWithPadding(tokenizer))
+
+    def batches(dataset, batch_size: int) -> DataLoader:
+        return DataLoader(
+            encode(dataset, args.seq_len), batch_size=batch_size, collate_fn=DataCollatorWithPadding(tokenizer)
+        )
 
     sample = random.Random(args.seed).sample(range(len(train)), args.num_calibration)
+    if args.while_distilling:
+        size = min(len(train), 32 * args.while_distilling)
+        training = encode(train.shuffle(seed=args.seed).select(range(size)), args.train_length)
     calibration = batches(train.select(sample), 32)
     evaluation = batches(validation, 64)
 
@@ -123,26 +147,56 @@ def main() -> None:
             latency_table=str(table_path),  # checked against this machine and setting: refused if it does not fit
         )
         start = time.perf_counter()
-        report = prune(model, config, dataloader=calibration, show_progress=False)
+        if args.while_distilling:
+            trainer_args = DistillationTrainingArguments(
+                output_dir=str(Path(args.work_dir) / f"keep-{keep:.3g}"),
+                max_steps=args.while_distilling,
+                per_device_train_batch_size=32,
+                learning_rate=1e-4,
+                temperature=2.0,
+                alpha=0.5,
+                seed=args.seed,
+                logging_steps=50,
+                save_strategy="no",
+                report_to="none",
+            )
+            pruning = GradualStructuredPruningCallback(config, begin_step=0.1, end_step=0.6, frequency=10)
+            model.requires_grad_(True)
+            trainer = DistillationTrainer(
+                model=model,
+                teacher_model=teacher,
+                args=trainer_args,
+                train_dataset=training,
+                processing_class=tokenizer,
+                callbacks=[pruning],
+            )
+            trainer.train()
+            model = trainer.model
+            predicted_ms = pruning.history[-1][1]
+            latency = {"after_ms": predicted_ms, "budget_ms": keep * pruning.reference_cost}
+            latency["predicted_speedup"] = pruning.reference_cost / predicted_ms
+        else:
+            report = prune(model, config, dataloader=calibration, show_progress=False)
+            latency = report.latency
+            print(f"{name}: {report.summary()}", flush=True)
         seconds = time.perf_counter() - start
+        shape = compression_report(model, reference=teacher, seq_len=args.seq_len)
         logits, _ = predict_logits(model, evaluation)
         models[name] = model.eval()
         variants[name] = {
             "keep": keep,
             "target_speedup": 1 / keep,
-            "predicted_speedup": report.latency["predicted_speedup"],
-            "predicted_ms": report.latency["after_ms"],
-            "budget_ms": report.latency["budget_ms"],
+            "predicted_speedup": latency["predicted_speedup"],
+            "predicted_ms": latency["after_ms"],
+            "budget_ms": latency["budget_ms"],
             "accuracy": accuracy(logits.argmax(-1), labels)["accuracy"],
             "agreement_with_teacher": (logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean().item(),
-            "heads_per_layer": list(report.after.heads_per_layer),
-            "ffn_per_layer": list(report.after.ffn_per_layer),
-            "removed_layers": report.removed_layers,
-            "parameters": report.after.parameters,
-            "flops_ratio": report.flops_ratio,
+            "heads_per_layer": list(shape.model.heads_per_layer),
+            "ffn_per_layer": list(shape.model.ffn_per_layer),
+            "parameters": shape.model.parameters,
+            "flops_ratio": shape.ratio("flops_per_token"),
             "prune_seconds": seconds,
         }
-        print(f"{name}: {report.summary()}", flush=True)
 
     #### The realised speed-ups: every model interleaved in one run
     sentences = list(validation[text_column])[: args.batch_size]
@@ -185,6 +239,7 @@ def main() -> None:
             f"{variant['ffn_per_layer']} |"
         )
     print(f"\nWrote {args.output}")
+    return result
 
 
 if __name__ == "__main__":
