@@ -6,7 +6,8 @@ Each `--recipes` entry is a set of the example's flags on top of the README quic
 the first `--max-train-samples` training sentences, `--max-length 64`); every recipe runs once per `--seeds` value
 through the example's own `main`, with the teacher's outputs read from one shared teacher-output cache. Writes
 `--output` (JSON: every run's validation accuracy, and per recipe the mean and standard deviation over the seeds) and
-prints a table.
+prints a table. Runs already in `--output` with the same settings and flags are kept rather than run again, so a
+recipe can be added later (`--recipes NAME`) and the table covers every recipe measured.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ RECIPES = {
     "defaults": "",
     # The seed-style recipe a user writes by hand: bottom-heavy layers, a softer teacher, 2 epochs.
     "layers-0-2-4-T4-2ep": "--layers_to_keep 0 2 4 --temperature 4 --num_train_epochs 2",
+    # The hand-written recipe's temperature and epochs with the example's own (uniform) layers: which half matters.
+    "T4-2ep": "--temperature 4 --num_train_epochs 2",
 }
 
 
@@ -53,56 +56,80 @@ def main(argv: list[str] | None = None) -> dict:
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    runs, total = [], len(args.recipes) * len(args.seeds)
+    settings = {
+        k: v for k, v in vars(args).items() if k not in ("teacher", "data", "work_dir", "output", "recipes", "seeds")
+    }
+    runs = _earlier_runs(Path(args.output), settings)
+    measured = {(run["recipe"], run["flags"], run["seed"]) for run in runs}
+    todo = [
+        (recipe, seed)
+        for recipe in args.recipes
+        for seed in args.seeds
+        if (recipe, RECIPES[recipe], seed) not in measured
+    ]
+    if len(todo) < len(args.recipes) * len(args.seeds):
+        print(
+            f"Keeping {len(args.recipes) * len(args.seeds) - len(todo)} run(s) already in {args.output}.", flush=True
+        )
     started = time.perf_counter()
-    for recipe in args.recipes:
-        for seed in args.seeds:
-            done = len(runs)
-            if done:
-                left = (time.perf_counter() - started) / done * (total - done)
-                print(f"[{done}/{total}] about {left / 60:.0f} min left", flush=True)
-            argv_run = [
-                "--teacher", args.teacher, "--dataset", args.data, "--student_layers", "3",
-                "--max_train_samples", str(args.max_train_samples), "--max_length", "64",
-                "--output_dir", tempfile.mkdtemp(prefix=f"{recipe}-{seed}-", dir=work),
-                "--teacher_cache_dir", str(work / "teacher-cache"), "--seed", str(seed), "--disable_tqdm", "true",
-                "--latency_repeats", "5", "--report_to", "none",
-                *shlex.split(RECIPES[recipe]), *shlex.split(args.extra),
-            ]  # fmt: skip
-            if args.max_eval_samples:
-                argv_run += ["--max_eval_samples", str(args.max_eval_samples)]
-            comparison = distill_bert_sst2.main(argv_run)
-            runs.append(
-                {
-                    "recipe": recipe,
-                    "flags": RECIPES[recipe],
-                    "seed": seed,
-                    "accuracy": comparison["student"]["metrics"]["accuracy"],
-                    "teacher_accuracy": comparison["teacher"]["metrics"]["accuracy"],
-                    "train_runtime_s": comparison["train_runtime_s"],
-                }
-            )
+    for done, (recipe, seed) in enumerate(todo):
+        if done:
+            left = (time.perf_counter() - started) / done * (len(todo) - done)
+            print(f"[{done}/{len(todo)}] about {left / 60:.0f} min left", flush=True)
+        argv_run = [
+            "--teacher", args.teacher, "--dataset", args.data, "--student_layers", "3",
+            "--max_train_samples", str(args.max_train_samples), "--max_length", "64",
+            "--output_dir", tempfile.mkdtemp(prefix=f"{recipe}-{seed}-", dir=work),
+            "--teacher_cache_dir", str(work / "teacher-cache"), "--seed", str(seed), "--disable_tqdm", "true",
+            "--latency_repeats", "5", "--report_to", "none",
+            *shlex.split(RECIPES[recipe]), *shlex.split(args.extra),
+        ]  # fmt: skip
+        if args.max_eval_samples:
+            argv_run += ["--max_eval_samples", str(args.max_eval_samples)]
+        comparison = distill_bert_sst2.main(argv_run)
+        runs.append(
+            {
+                "recipe": recipe,
+                "flags": RECIPES[recipe],
+                "seed": seed,
+                "accuracy": comparison["student"]["metrics"]["accuracy"],
+                "teacher_accuracy": comparison["teacher"]["metrics"]["accuracy"],
+                "train_runtime_s": comparison["train_runtime_s"],
+            }
+        )
     summary = {}
-    for recipe in args.recipes:
-        accuracies = [run["accuracy"] for run in runs if run["recipe"] == recipe]
-        teacher = runs[0]["teacher_accuracy"]
+    for recipe in dict.fromkeys(run["recipe"] for run in runs):
+        recipe_runs = [run for run in runs if run["recipe"] == recipe]
+        accuracies = [run["accuracy"] for run in recipe_runs]
         summary[recipe] = {
-            "flags": RECIPES[recipe],
+            "flags": recipe_runs[0]["flags"],
+            "seeds": [run["seed"] for run in recipe_runs],
             "mean": statistics.fmean(accuracies),
             "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
-            "retained": statistics.fmean(accuracies) / teacher,
+            "retained": statistics.fmean(accuracies) / recipe_runs[0]["teacher_accuracy"],
         }
-    result = {
-        "settings": {k: v for k, v in vars(args).items() if k not in ("teacher", "data", "work_dir", "output")},
-        "runs": runs,
-        "summary": summary,
-    }
+    result = {"settings": settings, "runs": runs, "summary": summary}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-    print("\n| recipe | flags | accuracy (mean +- std) | retained |\n|---|---|---:|---:|")
+    print("\n| recipe | flags | seeds | accuracy (mean +- std) | retained |\n|---|---|---|---:|---:|")
     for recipe, row in summary.items():
-        print(f"| {recipe} | `{row['flags']}` | {row['mean']:.4f} +- {row['std']:.4f} | {row['retained']:.1%} |")
+        print(
+            f"| {recipe} | `{row['flags']}` | {len(row['seeds'])} | {row['mean']:.4f} +- {row['std']:.4f} | "
+            f"{row['retained']:.1%} |"
+        )
     return result
+
+
+def _earlier_runs(output: Path, settings: dict) -> list[dict]:
+    """The runs an earlier call wrote to `output` with the same `settings`: kept, not run again (none otherwise)."""
+    if not output.is_file():
+        return []
+    earlier = json.loads(output.read_text())
+    saved = {k: v for k, v in earlier.get("settings", {}).items() if k not in ("recipes", "seeds")}
+    if saved != settings:
+        print(f"{output} was written with other settings ({saved}); its runs are not reused.", flush=True)
+        return []
+    return [run for run in earlier["runs"] if RECIPES.get(run["recipe"]) == run["flags"]]
 
 
 if __name__ == "__main__":

@@ -23,27 +23,17 @@ def workspace(tmp_path, tiny_tokenizer):
     return teacher_and_data_folders(tmp_path, tiny_tokenizer, num_hidden_layers=6)
 
 
+def _argv(workspace, *extra):
+    return [
+        "--teacher", str(workspace / "teacher"), "--data", str(workspace / "data"), "--max-train-samples", "12",
+        "--extra", "--max_steps 2 --per_device_train_batch_size 4 --per_device_eval_batch_size 4 --use_cpu true",
+        "--work-dir", str(workspace / "work"), "--output", str(workspace / "defaults.json"), *extra,
+    ]  # fmt: skip
+
+
 def test_every_recipe_runs_once_per_seed_and_is_summarised(workspace, example_defaults):
-    extra = "--max_steps 2 --per_device_train_batch_size 4 --per_device_eval_batch_size 4 --use_cpu true"
-    result = example_defaults.main(
-        [
-            "--teacher",
-            str(workspace / "teacher"),
-            "--data",
-            str(workspace / "data"),
-            "--seeds",
-            "0",
-            "1",
-            "--max-train-samples",
-            "12",
-            "--extra",
-            extra,
-            "--work-dir",
-            str(workspace / "work"),
-            "--output",
-            str(workspace / "defaults.json"),
-        ]  # fmt: skip
-    )
+    result = example_defaults.main(_argv(workspace, "--seeds", "0", "1"))
+
     assert json.loads((workspace / "defaults.json").read_text()) == json.loads(json.dumps(result))
     recipes = list(example_defaults.RECIPES)
     assert [(run["recipe"], run["seed"]) for run in result["runs"]] == [(r, s) for r in recipes for s in (0, 1)]
@@ -53,6 +43,23 @@ def test_every_recipe_runs_once_per_seed_and_is_summarised(workspace, example_de
         assert result["summary"][recipe]["std"] == pytest.approx(statistics.stdev(accuracies))
     # One teacher-output cache serves every run (same training sentences).
     assert len(list((workspace / "work" / "teacher-cache").glob("*.safetensors"))) == 1
+
+
+def test_runs_already_measured_are_kept_and_only_new_ones_run(workspace, example_defaults):
+    first = example_defaults.main(_argv(workspace, "--seeds", "0", "--recipes", "defaults"))
+    second = example_defaults.main(_argv(workspace, "--seeds", "0", "1", "--recipes", "defaults", "T4-2ep"))
+
+    assert second["runs"][0] == first["runs"][0]
+    assert [(run["recipe"], run["seed"]) for run in second["runs"]] == [
+        ("defaults", 0), ("defaults", 1), ("T4-2ep", 0), ("T4-2ep", 1)
+    ]  # fmt: skip
+    assert len(list((workspace / "work").glob("defaults-*"))) == 2  # seed 0 ran once
+    assert list(second["summary"]) == ["defaults", "T4-2ep"]
+
+    # Other settings: nothing is reused.
+    third = example_defaults.main(_argv(workspace, "--seeds", "0", "--recipes", "defaults", "--max-eval-samples", "3"))
+    assert [(run["recipe"], run["seed"]) for run in third["runs"]] == [("defaults", 0)]
+    assert len(list((workspace / "work").glob("defaults-*"))) == 3
 
 
 def test_unknown_recipe_is_refused_before_work(workspace, example_defaults):
