@@ -258,7 +258,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.set_ylabel(f"{setup['dataset']} validation accuracy (mean +- std over seeds)")
     ax.set_title("hf-compress: accuracy vs speed, one frontier per runtime")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(0.22, 0.42))  # the empty lower middle
     for p in _frontier([p for p in all_points if p is not teacher]):
         ax.annotate(_name(p), (mean(p.speedup["b32"]), mean(p.accuracy)), xytext=(5, 4), fontsize=6,
                     textcoords="offset points")  # fmt: skip
