@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ import transformers
 from compression_recipes import Context, Variant, build, default_variants, encoder_flops
 from compression_render import check_markers, markdown, plot, update_readme
 from compression_runtimes import RUNTIMES, accuracy, check_runtimes, make_runtimes, one_at_a_time, runtime_size
+from repo_paths import shown_path
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 from transformers.utils import logging as hf_logging
@@ -132,11 +132,6 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> None:
         update_readme(Path(args.readme), section)
     if args.plot:
         plot(results, Path(args.plot))
-
-
-def shown_path(path: str) -> str:
-    """A local path as the README should show it: relative to the repository (a Hub id is left as it is)."""
-    return os.path.relpath(path, ROOT) if Path(path).exists() else path
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

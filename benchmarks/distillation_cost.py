@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 import transformers
+from repo_paths import shown_path
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -206,8 +207,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     results = {
         "settings": {
-            "teacher": args.teacher,
-            "data": args.data,
+            "teacher": shown_path(args.teacher),
+            "data": shown_path(args.data),
             "student_layers": args.student_layers,
             "train_samples": len(train),
             "steps": args.steps,

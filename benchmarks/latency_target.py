@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from repo_paths import shown_path
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
@@ -210,7 +211,10 @@ def main(argv: list[str] | None = None) -> dict:
         variant["median_ms"] = comparison.stats[name].median_ms
 
     result = {
-        "settings": {k: v for k, v in vars(args).items() if k not in ("teacher", "data", "output")},
+        "settings": {
+            **{k: v for k, v in vars(args).items() if k not in ("teacher", "data", "output", "work_dir")},
+            "latency_table": shown_path(table_path),
+        },
         "machine": platform.machine(),
         "latency_table": {
             "key": table.to_dict()["key"],
