@@ -23,12 +23,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {
-    # The quick-start as the README runs it: the example's defaults (uniform layers 0, 3, 5; T=2; 3 epochs).
-    "defaults": "",
-    # The seed-style recipe a user writes by hand: bottom-heavy layers, a softer teacher, 2 epochs.
+    # The example's defaults until this comparison: uniform layers (0, 3, 5 of 6), T=2, 3 epochs.
+    "uniform-T2-3ep": "--layer_strategy uniform --temperature 2 --num_train_epochs 3",
+    # The seed-style recipe a user writes by hand: bottom-heavy layers, a softer teacher, 2 epochs. The example's
+    # defaults since (`--layer_strategy strided` keeps 0, 2, 4 of 6).
     "layers-0-2-4-T4-2ep": "--layers_to_keep 0 2 4 --temperature 4 --num_train_epochs 2",
-    # The hand-written recipe's temperature and epochs with the example's own (uniform) layers: which half matters.
-    "T4-2ep": "--temperature 4 --num_train_epochs 2",
+    # The hand-written recipe's temperature and epochs with uniform layers: which half matters.
+    "uniform-T4-2ep": "--layer_strategy uniform --temperature 4 --num_train_epochs 2",
 }
 
 

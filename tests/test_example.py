@@ -73,7 +73,7 @@ def test_tiny_example_saves_student_comparison_and_card(workspace, student_type)
     assert "hf-compress" in card.data.tags and card.data.eval_results[0].metric_type == "accuracy"
     assert card.data.datasets is None and card.data.eval_results[0].dataset_type == "data"  # local data: no Hub id
     assert "- Temperature: 3" in card.text and "- Alpha: 0.7" in card.text
-    assert "- Teacher layers kept: 0, 3" in card.text
+    assert "- Teacher layers kept: 0, 2" in card.text
     assert f"{saved['speedup']:.2f}x faster ({low:.2f}-{high:.2f}x in 80% of rounds)" in card.text
     assert "both models timed interleaved (one call of each per round, 2 rounds)" in card.text
 

@@ -46,20 +46,24 @@ def test_every_recipe_runs_once_per_seed_and_is_summarised(workspace, example_de
 
 
 def test_runs_already_measured_are_kept_and_only_new_ones_run(workspace, example_defaults):
-    first = example_defaults.main(_argv(workspace, "--seeds", "0", "--recipes", "defaults"))
-    second = example_defaults.main(_argv(workspace, "--seeds", "0", "1", "--recipes", "defaults", "T4-2ep"))
+    first = example_defaults.main(_argv(workspace, "--seeds", "0", "--recipes", "uniform-T2-3ep"))
+    second = example_defaults.main(
+        _argv(workspace, "--seeds", "0", "1", "--recipes", "uniform-T2-3ep", "uniform-T4-2ep")
+    )
 
     assert second["runs"][0] == first["runs"][0]
     assert [(run["recipe"], run["seed"]) for run in second["runs"]] == [
-        ("defaults", 0), ("defaults", 1), ("T4-2ep", 0), ("T4-2ep", 1)
+        ("uniform-T2-3ep", 0), ("uniform-T2-3ep", 1), ("uniform-T4-2ep", 0), ("uniform-T4-2ep", 1)
     ]  # fmt: skip
-    assert len(list((workspace / "work").glob("defaults-*"))) == 2  # seed 0 ran once
-    assert list(second["summary"]) == ["defaults", "T4-2ep"]
+    assert len(list((workspace / "work").glob("uniform-T2-3ep-*"))) == 2  # seed 0 ran once
+    assert list(second["summary"]) == ["uniform-T2-3ep", "uniform-T4-2ep"]
 
     # Other settings: nothing is reused.
-    third = example_defaults.main(_argv(workspace, "--seeds", "0", "--recipes", "defaults", "--max-eval-samples", "3"))
-    assert [(run["recipe"], run["seed"]) for run in third["runs"]] == [("defaults", 0)]
-    assert len(list((workspace / "work").glob("defaults-*"))) == 3
+    third = example_defaults.main(
+        _argv(workspace, "--seeds", "0", "--recipes", "uniform-T2-3ep", "--max-eval-samples", "3")
+    )
+    assert [(run["recipe"], run["seed"]) for run in third["runs"]] == [("uniform-T2-3ep", 0)]
+    assert len(list((workspace / "work").glob("uniform-T2-3ep-*"))) == 3
 
 
 def test_unknown_recipe_is_refused_before_work(workspace, example_defaults):

@@ -32,6 +32,14 @@ def test_uniform_strategy_spreads_layers_like_distilbert(teacher_layers, student
     assert select_layers(teacher_layers, student_layers) == expected
 
 
+@pytest.mark.parametrize(
+    ("teacher_layers", "student_layers", "expected"),
+    [(6, 3, [0, 2, 4]), (12, 6, [0, 2, 4, 6, 8, 10]), (6, 4, [0, 1, 3, 4]), (6, 1, [0]), (4, 4, [0, 1, 2, 3])],
+)
+def test_strided_strategy_keeps_one_in_k_from_the_bottom(teacher_layers, student_layers, expected):
+    assert select_layers(teacher_layers, student_layers, strategy="strided") == expected
+
+
 def test_first_last_and_importance_strategies():
     assert select_layers(6, 2, strategy="first") == [0, 1]
     assert select_layers(6, 2, strategy="last") == [4, 5]
@@ -47,7 +55,10 @@ def test_first_last_and_importance_strategies():
         ({"num_layers": 5}, r"num_layers=5 .* 1 to 4"),
         ({"num_layers": 0}, r"num_layers=0 .* 1 to 4"),
         ({}, "Pass either `num_layers`"),
-        ({"num_layers": 2, "strategy": "random"}, "Unknown layer strategy 'random'. Valid strategies: uniform, first"),
+        (
+            {"num_layers": 2, "strategy": "random"},
+            "Unknown layer strategy 'random'. Valid strategies: uniform, strided, first",
+        ),
         ({"layers_to_keep": []}, "empty"),
         ({"layers_to_keep": [0, 4]}, r"contains 4,.* 0 to 3"),
         ({"layers_to_keep": [-1, 2]}, r"contains -1"),
