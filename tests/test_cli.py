@@ -9,21 +9,13 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import TOY_REVIEWS, tiny_model
 
 from hf_compress import PruningConfig, apply_plan, get_structure, load_compressed, load_plan
 from hf_compress.cli import build_parser, main
 
-SENTENCES = [
-    'the movie was "great" fun',
-    "a dull plot",
-    "i love the actor",
-    "bad , awful story",
-    "not very good",
-    "great film , great fun",
-    "the story is dull",
-    "hate the plot",
-]
+# A quote inside a TSV/CSV cell must come through the readers as it is.
+SENTENCES = ['the movie was "great" fun', *TOY_REVIEWS[1:]]
 
 
 @pytest.fixture
