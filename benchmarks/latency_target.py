@@ -176,9 +176,10 @@ def main(argv: list[str] | None = None) -> dict:
             predicted_ms = pruning.history[-1][1]
             latency = {"after_ms": predicted_ms, "budget_ms": keep * pruning.reference_cost}
             latency["predicted_speedup"] = pruning.reference_cost / predicted_ms
+            removed_layers = []  # the callback thins layers, it never drops one
         else:
             report = prune(model, config, dataloader=calibration, show_progress=False)
-            latency = report.latency
+            latency, removed_layers = report.latency, report.removed_layers
             print(f"{name}: {report.summary()}", flush=True)
         seconds = time.perf_counter() - start
         shape = compression_report(model, reference=teacher, seq_len=args.seq_len)
@@ -194,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
             "agreement_with_teacher": (logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean().item(),
             "heads_per_layer": list(shape.model.heads_per_layer),
             "ffn_per_layer": list(shape.model.ffn_per_layer),
+            "removed_layers": removed_layers,
             "parameters": shape.model.parameters,
             "flops_ratio": shape.ratio("flops_per_token"),
             "prune_seconds": seconds,
