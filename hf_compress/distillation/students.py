@@ -14,7 +14,7 @@ Which teacher layers are kept (`strategy`):
 | strategy       | layers kept                                          | 12 -> 6            | 6 -> 3    |
 |----------------|------------------------------------------------------|--------------------|-----------|
 | `"uniform"`    | spread evenly, always the first and the last         | 0, 2, 4, 7, 9, 11  | 0, 3, 5   |
-| `"strided"`    | one in `teacher / student` from the first, top left  | 0, 2, 4, 6, 8, 10  | 0, 2, 4   |
+| `"strided"`    | every k-th from the first, k = teacher / student     | 0, 2, 4, 6, 8, 10  | 0, 2, 4   |
 | `"first"`      | the bottom `num_layers`                              | 0, 1, 2, 3, 4, 5   | 0, 1, 2   |
 | `"last"`       | the top `num_layers`                                 | 6, 7, 8, 9, 10, 11 | 3, 4, 5   |
 | `"importance"` | the `num_layers` highest `layer_scores`, in order    | depends on scores  |           |
